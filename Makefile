@@ -1,0 +1,38 @@
+# drivesplat — the two commands a newcomer runs: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+STAMP   = $(VENV)/.installed
+
+.PHONY: setup run demo test lint bench clean
+
+# Idempotent: rebuilds only when pyproject.toml changed or the venv is missing.
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# Pin torch first: an unpinned torch requirement would pull the CUDA build and
+	# several GB of CUDA packages; 2.13.0 resolves to the local CPU wheel here.
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/drivesplat demo
+
+demo: setup
+	$(BIN)/drivesplat demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check scenes recon service tests
+
+bench: setup
+	$(BIN)/drivesplat bench synth
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
