@@ -1,0 +1,73 @@
+"""The CUDA backend: ``gsplat.rasterization`` (classic mode, packed) behind our contract.
+
+gsplat is an optional extra (``pip install drivesplat[gpu]``); nothing here is imported
+unless this backend is selected. Semantics match the torch backend for gsplat 1.5.x
+(alpha clamp 0.999, opacity-aware extent). gsplat's development branch (1.6) lowers the
+alpha clamp to 0.99, which changes pixels covered by near-opaque splats.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from recon.render.projection import EPS2D
+
+
+@lru_cache(maxsize=1)
+def gsplat_available() -> bool:
+    """True when gsplat can be imported (its CUDA kernels compile on first use)."""
+    return importlib.util.find_spec("gsplat") is not None
+
+
+def rasterize_gsplat(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    colors: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    near: float,
+    far: float,
+    backgrounds: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, dict[str, int]]:
+    """Render with gsplat; same arguments as :func:`recon.render.rasterize`.
+
+    Returns:
+        rgb [C, H, W, D], alpha [C, H, W, 1], expected depth [C, H, W, 1],
+        radii [C, N, 2] int32, means2d [C, N, 2], depths [C, N] (0 where culled), stats.
+    """
+    from gsplat import rasterization
+
+    C = viewmats.shape[0]
+    N = means.shape[0]
+    D = colors.shape[-1]
+    render, alpha, meta = rasterization(
+        means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+        near_plane=near, far_plane=far, radius_clip=0.0, eps2d=EPS2D, packed=True,
+        backgrounds=backgrounds, render_mode="RGB+ED", rasterize_mode="classic",
+        sparse_grad=False, absgrad=False,
+    )
+    rgb = render[..., :D]
+    depth = render[..., D:D + 1]
+
+    # Packed outputs are per visible (camera, Gaussian): scatter back to dense [C, N].
+    cam_ids = meta["camera_ids"].long()
+    gauss_ids = meta["gaussian_ids"].long()
+    r = meta["radii"]
+    if r.dim() == 1:  # gsplat < 1.5 reports one isotropic radius
+        r = r[:, None].expand(-1, 2)
+    radii = torch.zeros(C, N, 2, dtype=torch.int32, device=means.device)
+    radii[cam_ids, gauss_ids] = r.to(torch.int32)
+    means2d = torch.zeros(C, N, 2, dtype=means.dtype, device=means.device)
+    means2d = means2d.index_put((cam_ids, gauss_ids), meta["means2d"])
+    depths = torch.zeros(C, N, dtype=means.dtype, device=means.device)
+    depths = depths.index_put((cam_ids, gauss_ids), meta["depths"])
+    stats = {"tile_intersections": int(meta["isect_ids"].numel())}
+    return rgb, alpha, depth, radii, means2d, depths, stats
