@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,16 +80,21 @@ def load_log(path: str | os.PathLike, format: str = "auto",
     try:
         waymo = importlib.import_module("scenes.waymo")
     except ModuleNotFoundError as e:
-        if e.name not in ("scenes.waymo",):
+        if e.name != "scenes.waymo":
             raise
         raise RuntimeError("Waymo logs need scenes.waymo.read_waymo, which is not part of "
-                           "this installation yet") from e
-    read_waymo = getattr(waymo, "read_waymo", None)
-    if read_waymo is None:
-        raise RuntimeError("scenes.waymo has no read_waymo function")
-    kwargs: dict = {"frames": frames, "cameras": cameras}
-    if ground_truth:
-        if "ground_truth" not in inspect.signature(read_waymo).parameters:
-            raise ValueError("the Waymo reader does not read ground truth")
-        kwargs["ground_truth"] = True
-    return read_waymo(path, **kwargs)
+                           "this installation") from e
+    return waymo.read_waymo(_single_tfrecord(Path(path)), frames=frames, cameras=cameras,
+                            ground_truth=ground_truth)
+
+
+def _single_tfrecord(p: Path) -> Path:
+    """A Waymo segment is one file: a directory must hold exactly one ``.tfrecord``."""
+    if not p.is_dir():
+        return p
+    records = sorted(c for c in p.iterdir() if _is_tfrecord(c))
+    if len(records) != 1:
+        names = ", ".join(r.name for r in records[:5]) or "none"
+        raise LogFormatError(p, f"holds {len(records)} .tfrecord files ({names}); a Waymo "
+                                "segment is one file, so pass the file itself.")
+    return records[0]

@@ -446,13 +446,13 @@ def _rel(p: Path) -> str:
 def _numbered_files(folder: Path, suffixes: tuple[str, ...], n: int, what: str,
                     ref: Path) -> dict[int, Path]:
     """Files ``NN<suffix>`` in ``folder`` -> {frame index: path}; exactly frames 0..n-1."""
+    names = sorted(p.name for p in folder.iterdir())
     found: dict[int, Path] = {}
-    for p in folder.iterdir():
-        for s in suffixes:
-            stem = p.name[: -len(s)]
-            if p.name.endswith(s) and stem.isdigit():
-                found.setdefault(int(stem), p)  # .pkl.gz is listed before .pkl: it wins
-                break
+    for s in suffixes:  # earlier suffixes win: NN.pkl.gz over NN.pkl
+        for name in names:
+            stem = name[: -len(s)]
+            if name.endswith(s) and stem.isdigit():
+                found.setdefault(int(stem), folder / name)
     if len(found) != n:
         raise LogFormatError(folder, f"has {len(found)} {what} but {_rel(ref)} lists {n} "
                                      "frames; every sensor needs one entry per frame.")
@@ -493,7 +493,8 @@ def write_pandaset(log: LogSegment, out_dir: str | os.PathLike, ground_truth: bo
     (track keyframes and ground truth follow that numbering). JPEG images are copied
     byte for byte; anything else is encoded as JPEG quality 95 without chroma subsampling.
     A track gets a cuboid in every frame that is one of its keyframes, and an
-    interpolated one in the frames between its first and last keyframe.
+    interpolated one in the frames between its first and last keyframe. Cuboids carry a
+    yaw only: roll and pitch of track poses are not stored.
 
     The directory is written to a temporary sibling and renamed into place.
 
@@ -524,6 +525,9 @@ def write_pandaset(log: LogSegment, out_dir: str | os.PathLike, ground_truth: bo
         _write_sequence(log, tmp, ground_truth)
         if out.is_dir():
             if any(out.iterdir()):
+                if not overwrite:  # filled while we were writing
+                    raise FileExistsError(f"{out} is no longer empty; pass overwrite=True "
+                                          "to replace it")
                 old = out.parent / f".{out.name}.old-{uuidlib.uuid4().hex[:8]}"
                 out.rename(old)
                 tmp.rename(out)
@@ -621,8 +625,9 @@ def _cuboid_frame(log: LogSegment, f: Frame, offset: np.ndarray) -> pd.DataFrame
                      "dimensions.y": float(tr.size[0]), "dimensions.z": float(tr.size[2]),
                      "attributes.object_motion": "Moving" if moving else "Parked",
                      "cuboids.sibling_id": "-", "cuboids.sensor_id": -1,
-                     "attributes.rider_status": None, "attributes.pedestrian_behavior": None,
-                     "attributes.pedestrian_age": None})
+                     "attributes.rider_status": np.nan,
+                     "attributes.pedestrian_behavior": np.nan,
+                     "attributes.pedestrian_age": np.nan})
     columns = list(CUBOID_COLUMNS[:3]) + ["stationary", "camera_used"] + \
         list(CUBOID_COLUMNS[3:]) + [_CUBOID_ATTRIBUTES[0], "cuboids.sibling_id",
                                     "cuboids.sensor_id", *_CUBOID_ATTRIBUTES[1:]]

@@ -333,6 +333,16 @@ def test_duplicate_cuboids_are_kept_once(log: LogSegment, copy_seq: Path) -> Non
     assert set(back.tracks) == {"car-moving", "car-parked"}
     _assert_tracks_equal(back.tracks["car-moving"], log.tracks["car-moving"])
 
+    # A frame where only the front LiDAR's twin box exists: it still joins its sibling's track.
+    path = copy_seq / "annotations/cuboids/03.pkl.gz"
+    df = pd.read_pickle(path)
+    df.loc[df["uuid"] == "car-moving", ["uuid", "cuboids.sensor_id", "cuboids.sibling_id"]] = \
+        ["front-twin", 1, "car-moving"]
+    df.to_pickle(path)
+    back = read_pandaset(copy_seq)
+    assert set(back.tracks) == {"car-moving", "car-parked"}
+    _assert_tracks_equal(back.tracks["car-moving"], log.tracks["car-moving"])
+
 
 # ------------------------------------------------------------------------- bad inputs
 
@@ -528,13 +538,23 @@ def test_load_log_dispatches(log: LogSegment, written: Path) -> None:
         load_log(written, format="kitti")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("scenes.waymo") is not None,
-                    reason="scenes.waymo exists; its own tests cover it")
-def test_load_log_without_waymo_reader(tmp_path: Path) -> None:
+WAYMO_FRAME = Path(__file__).resolve().parents[2] / "shared/data/waymo/pvps_data_one_frame.tfrecord"
+
+
+def test_load_log_waymo(tmp_path: Path) -> None:
     rec = tmp_path / "a.tfrecord"
     rec.write_bytes(b"")
-    with pytest.raises(RuntimeError, match="scenes.waymo"):
-        load_log(rec)
+    if importlib.util.find_spec("scenes.waymo") is None:
+        with pytest.raises(RuntimeError, match="scenes.waymo"):
+            load_log(rec)
+        return
+    (tmp_path / "b.tfrecord").write_bytes(b"")
+    with pytest.raises(LogFormatError, match="holds 2 .tfrecord files") as e:
+        load_log(tmp_path)
+    assert e.value.path == str(tmp_path)
+    if WAYMO_FRAME.is_file():
+        seg = load_log(WAYMO_FRAME, cameras=["FRONT"])
+        assert seg.source_format == "waymo" and list(seg.cameras) == ["FRONT"]
 
 
 # --------------------------------------------------------------------- synthetic logs
@@ -549,23 +569,30 @@ def test_synthetic_round_trip(tmp_path: Path) -> None:
     from scenes.synthetic import SyntheticConfig, generate_log
 
     syn = generate_log(SyntheticConfig(seed=0, frames=6, width=96, height=64))
-    out = write_pandaset(syn, tmp_path / "syn")
-    back = read_pandaset(out, ground_truth=True)
-    assert set(back.cameras) == set(syn.cameras)
-    np.testing.assert_allclose(back.world_offset - syn.world_offset,
-                               syn.frames[0].ego_to_world[:3, 3], atol=1e-6)
+    back = read_pandaset(write_pandaset(syn, tmp_path / "syn"), ground_truth=True)
+    # The generator's world starts at the first ego position, so nothing moves on re-centring.
     shift = syn.frames[0].ego_to_world[:3, 3]
+    np.testing.assert_allclose(back.world_offset, syn.world_offset + shift, atol=1e-6)
+    assert back.time_offset == pytest.approx(syn.time_offset + syn.frames[0].timestamp, abs=1e-6)
+    assert list(back.cameras) == list(syn.cameras)
     for f0, f1 in zip(syn.frames, back.frames, strict=True):
         expect = f0.ego_to_world.copy()
         expect[:3, 3] -= shift
         np.testing.assert_allclose(f1.ego_to_world, expect, atol=1e-6)
         for name, im in f0.images.items():
+            np.testing.assert_array_equal(f1.images[name].image(), im.image())
             if im.source.is_encoded:
                 assert f1.images[name].source.encoded() == im.source.encoded()
         if f0.has_lidar:
             s0, s1 = f0.lidar(), f1.lidar()
             np.testing.assert_allclose(s1.points, s0.points - shift, atol=1e-3)
+            np.testing.assert_allclose(s1.time, s0.time - f0.timestamp + f1.timestamp, atol=1e-6)
     assert set(back.tracks) == set(syn.tracks)
-    if syn.ground_truth is not None:
-        assert back.ground_truth is not None
-        assert len(back.ground_truth.shifted) == len(syn.ground_truth.shifted)
+    for tid, tr in syn.tracks.items():
+        _assert_tracks_equal(back.tracks[tid], tr, shift=shift)
+    gt0, gt1 = syn.ground_truth, back.ground_truth
+    assert gt0 is not None and gt1 is not None
+    assert set(gt1.depth) == set(gt0.depth) and len(gt1.shifted) == len(gt0.shifted)
+    for v0, v1 in zip(gt0.shifted, gt1.shifted, strict=True):
+        assert (v1.frame_index, v1.camera, v1.shift_m) == (v0.frame_index, v0.camera, v0.shift_m)
+        np.testing.assert_array_equal(v1.depth(), v0.depth())
