@@ -64,7 +64,7 @@ def test_synth_rejects_unknown_camera(tmp_path):
 
 
 @pytest.mark.parametrize("breakage", ["missing_dir", "missing_poses", "corrupt_pickle",
-                                      "bad_jpeg"])
+                                      "bad_jpeg", "frame_count", "nan_pose"])
 def test_inspect_reports_bad_logs_and_exits_2(written, tmp_path, breakage):
     seq = tmp_path / "seq"
     shutil.copytree(written, seq)
@@ -78,9 +78,19 @@ def test_inspect_reports_bad_logs_and_exits_2(written, tmp_path, breakage):
         p = seq / "lidar" / "02.pkl.gz"
         p.write_bytes(p.read_bytes()[:100])
         culprit = "02.pkl.gz"
-    else:
+    elif breakage == "bad_jpeg":
         (seq / "camera" / "front_left_camera" / "01.jpg").write_bytes(b"not a jpeg at all")
         culprit = "01.jpg"
+    elif breakage == "frame_count":
+        p = seq / "camera" / "front_camera" / "timestamps.json"
+        p.write_text(json.dumps(json.loads(p.read_text())[:-1]))
+        culprit = "timestamps.json"
+    else:
+        p = seq / "lidar" / "poses.json"
+        poses = json.loads(p.read_text())
+        poses[1]["position"]["x"] = float("nan")
+        p.write_text(json.dumps(poses))
+        culprit = "lidar/poses.json"
     res = runner.invoke(app, ["inspect", str(seq), "--json"])
     assert res.exit_code == 2
     assert "error:" in res.output and culprit in res.output
