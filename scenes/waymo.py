@@ -25,7 +25,10 @@ Conventions (DESIGN.md) and how Waymo maps onto them:
   (``range_image_pose_compressed``, [H, W, 6] roll, pitch, yaw, x, y, z) compensates ego
   motion; other lasers use the frame pose. Pixels with range <= 0 or inside a no-label
   zone (channel 3 == 1) are dropped.
-- Per-point time: Waymo stores none. The frame timestamp is the start of the TOP sweep
+- Per-point time: Waymo stores none. When the vehicle moves, the TOP laser's pixel pose
+  (the vehicle pose when that pixel fired) dates the point: frame time + displacement of
+  that pose from the frame pose along the ego velocity / speed. Otherwise (and for the
+  other lasers) a column model: the frame timestamp is the start of the TOP sweep
   (azimuth +-pi, behind the car; the cameras fire as the sweep passes them), and a sweep
   lasts 0.1 s with azimuth decreasing, so a point in column c gets
   ``t_frame + (c + 0.5) / W * 0.1``.
@@ -178,7 +181,7 @@ def _encode_matrix(arr: np.ndarray, pb2: Any) -> bytes:
     m = pb2.MatrixFloat()
     m.shape.dims.extend(arr.shape)
     m.data.extend(np.asarray(arr, dtype=np.float32).ravel().tolist())
-    return zlib.compress(m.SerializeToString(), 6)
+    return zlib.compress(m.SerializeToString(), 1)  # float noise barely compresses more
 
 
 # ----------------------------------------------------------------------------- reader
@@ -229,24 +232,30 @@ class WaymoFile:
                 return bytes(im.image)
         raise LogFormatError(self.path, f"record {index} has no {camera} image.")
 
-    def lidar(self, index: int, calibrations: dict[str, Any], t0: float) -> LidarSweep:
+    def lidar(self, index: int, calibrations: dict[str, Any], t0: float,
+              velocity: np.ndarray | None = None) -> LidarSweep:
         """All lasers, both returns of record ``index`` as a world-frame sweep.
 
         Points come out float64 in the source world frame so that re-centring (which
         subtracts thousands of metres) happens before the cast to float32.
         """
         frame = self.frame(index)
-        return decode_lidar(frame, calibrations, t0, self.pb2, self.path, index)
+        return decode_lidar(frame, calibrations, t0, self.pb2, self.path, index, velocity)
 
 
 def decode_lidar(frame: Any, calibrations: dict[str, Any], t0: float, pb2: Any,
-                 path: str, index: int) -> LidarSweep:
+                 path: str, index: int, velocity: np.ndarray | None = None) -> LidarSweep:
     """World-frame points of every laser and return in ``frame``.
 
     Args:
         frame: a ``dataset_pb2.Frame``.
         calibrations: laser name -> ``LaserCalibration`` (from this or an earlier frame).
         t0: absolute time (s) of segment start; point times are relative to it.
+        velocity: [3] world-frame ego velocity (m/s) at this frame, or None. When the
+            ego moves (> 1 m/s) and the TOP laser has per-pixel poses, a point's time is
+            read off its pixel pose (the vehicle pose when it fired): frame time + the
+            pose's displacement along the velocity / speed. Otherwise, and for the other
+            lasers, the column model ``t_frame + (c + 0.5) / W * 0.1``.
 
     Returns:
         LidarSweep with float64 [N, 3] source-world points, [N] intensity, [N] time,
@@ -310,9 +319,14 @@ def decode_lidar(frame: Any, calibrations: dict[str, Any], t0: float, pb2: Any,
                 p = np.einsum("nij,nj->ni", R, p) + pp[:, 3:6]
             else:
                 p = p @ frame_pose[:3, :3].T + frame_pose[:3, 3]
+            speed2 = float(velocity @ velocity) if velocity is not None else 0.0
+            if pixel_pose is not None and speed2 > 1.0:
+                t_pt = t_frame + (pp[:, 3:6] - frame_pose[:3, 3]) @ velocity / speed2
+            else:
+                t_pt = t_frame + (cols + 0.5) / W * SPIN_PERIOD_S
             pts.append(p)
             inten.append(ri[rows, cols, 1])
-            times.append(t_frame + (cols + 0.5) / W * SPIN_PERIOD_S)
+            times.append(t_pt)
             sensors.append(np.full(len(r), laser.name - 1, dtype=np.int8))
     if not pts:
         return LidarSweep(np.zeros((0, 3)), np.zeros(0, np.float32), np.zeros(0),
@@ -412,9 +426,19 @@ def read_waymo(path: str | os.PathLike, frames: tuple[int, int] | None = None,
 
     t0_micros = raw[0]["micros"]
     t0 = t0_micros * 1e-6
+    # Ego velocity per frame from neighbouring frames (central differences), used to
+    # date LiDAR points by their per-pixel poses.
+    pos = np.stack([r["pose"][:3, 3] for r in raw])
+    tsec = np.array([(r["micros"] - t0_micros) * 1e-6 for r in raw])
+    velocities: list[np.ndarray | None] = [None] * len(raw)
+    if len(raw) > 1:
+        for k in range(len(raw)):
+            a, b = max(k - 1, 0), min(k + 1, len(raw) - 1)
+            if tsec[b] > tsec[a]:
+                velocities[k] = (pos[b] - pos[a]) / (tsec[b] - tsec[a])
     out_frames: list[Frame] = []
     per_track: dict[str, list[tuple]] = {}
-    for r in raw:
+    for k, r in enumerate(raw):
         i = r["index"]
         t = (r["micros"] - t0_micros) * 1e-6
         imgs = {}
@@ -428,7 +452,8 @@ def read_waymo(path: str | os.PathLike, frames: tuple[int, int] | None = None,
                 c, vehicle @ extr_cv[c], float(t_img),
                 ImageSource(load_bytes=partial(wf.image_bytes, i, c),
                             describe=f"{p} record {i} camera {c}"))
-        loader = partial(wf.lidar, i, laser_calib, t0) if r["has_lidar"] else None
+        loader = (partial(wf.lidar, i, laser_calib, t0, velocities[k]) if r["has_lidar"]
+                  else None)
         out_frames.append(Frame(i, t, r["pose"], imgs, loader))
         for (oid, typ, cx, cy, cz, ln, wd, ht, hd) in r["labels"]:
             obj_to_vehicle = make_pose(rot_z(hd), np.array([cx, cy, cz]))
@@ -610,13 +635,20 @@ def _jpeg(src: ImageSource, quality: int) -> bytes:
     return buf.getvalue()
 
 
+_CAMERA_ALIASES = {"LEFT": "SIDE_LEFT", "RIGHT": "SIDE_RIGHT", "BACK": "REAR"}
+
+
 def camera_name_map(names: Sequence[str]) -> dict[str, str]:
-    """Log camera name -> Waymo camera name: itself upper-cased when that is a Waymo
-    name (``front_left`` -> ``FRONT_LEFT``), else the next unused Waymo name."""
+    """Log camera name -> Waymo camera name: the upper-cased name without a ``_camera``
+    suffix when that is a Waymo name (``front_left_camera`` -> ``FRONT_LEFT``; PandaSet's
+    ``left``/``right``/``back`` -> ``SIDE_LEFT``/``SIDE_RIGHT``/``REAR``), else the next
+    unused Waymo name."""
     out: dict[str, str] = {}
     for n in names:
-        if n.upper() in CAMERA_NAMES and n.upper() not in out.values():
-            out[n] = n.upper()
+        w = n.upper().removesuffix("_CAMERA")
+        w = _CAMERA_ALIASES.get(w, w)
+        if w in CAMERA_NAMES and w not in out.values():
+            out[n] = w
     free = [c for c in CAMERA_NAMES if c not in out.values()]
     for n in names:
         if n not in out:
@@ -629,7 +661,8 @@ def camera_name_map(names: Sequence[str]) -> dict[str, str]:
 
 def write_waymo(log: LogSegment, path: str | os.PathLike, *,
                 lidar_to_ego: np.ndarray | None = None, lidar_width: int | None = None,
-                lidar_rows: int = 64, jpeg_quality: int = 95) -> dict[str, str]:
+                lidar_rows: int = 64, jpeg_quality: int = 95,
+                overwrite: bool = False) -> dict[str, str]:
     """Write ``log`` as a Waymo v1 TFRecord: one ``Frame`` per log frame.
 
     Cameras (JPEG bytes copied when already JPEG, else encoded at ``jpeg_quality``),
@@ -646,12 +679,15 @@ def write_waymo(log: LogSegment, path: str | os.PathLike, *,
             else identity. It should be the real mount: rows are then exact beams.
         lidar_width: range-image columns (None: 2650, doubled while pixels overflow).
         lidar_rows: rows when points do not fall on distinct beams.
+        overwrite: replace an existing file (else ``FileExistsError``).
 
     Returns:
         The camera name mapping used (log name -> Waymo name).
     """
     pb2, label_pb2 = load_protos()
     path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     cam_map = camera_name_map(list(log.cameras))
     if lidar_to_ego is None:
         lidar_to_ego = np.asarray(log.meta.get("lidar_to_ego", np.eye(4)), dtype=np.float64)
