@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 	# Pin torch first: an unpinned torch requirement would pull the CUDA build and
 	# several GB of CUDA packages; 2.13.0 resolves to the local CPU wheel here.
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,waymo]"
+	# Waymo's protobuf definitions only: the wheel pins TensorFlow, which we never import.
+	$(BIN)/python -m pip install --quiet --no-deps "waymo-open-dataset-tf-2-12-0==1.6.7"
 	touch $(STAMP)
 
 run: setup
