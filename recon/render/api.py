@@ -33,9 +33,9 @@ class RenderOutput:
         means2d: [C, N, 2] projected means in pixels (undefined where radii are 0).
         depths: [C, N] camera-space z of the means (undefined where radii are 0).
         backend: the backend that ran ("torch" or "gsplat").
-        stats: backend counters. torch: ``pairs_in_boxes`` (Gaussian-pixel pairs
-            evaluated), ``pairs_composited`` (pairs that contributed), ``chunks``;
-            gsplat: ``tile_intersections``.
+        stats: backend counters. torch: ``pairs_enumerated`` (Gaussian-pixel pairs
+            evaluated), ``pairs_composited`` (pairs that contributed, the work of the
+            backward pass), ``chunks``; gsplat: ``tile_intersections``.
     """
 
     rgb: Tensor
