@@ -50,3 +50,51 @@ def bench_synth(
         table.add_row("PandaSet writer", f"{res['write_s']:.2f}", "")
     table.add_row("everything", f"{res['total_s']:.2f}", "")
     Console().print(table)
+
+
+@bench_app.command("raster")
+def raster(
+    gaussians: str = typer.Option("50000", help="Gaussian count(s), comma-separated "
+                                  "(e.g. 12500,25000,50000)."),
+    width: int = typer.Option(320, help="Image width."),
+    height: int = typer.Option(180, help="Image height."),
+    views: int = typer.Option(1, help="Views rendered per call (C)."),
+    backend: str = typer.Option("auto", help="auto | torch | gsplat."),
+    device: str = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
+    repeats: int = typer.Option(5, help="Timed repeats (median reported)."),
+    warmup: int = typer.Option(1, help="Untimed warm-up calls."),
+    seed: int = typer.Option(0, help="Synthetic log seed."),
+    frames: int = typer.Option(40, help="Synthetic log frames (LiDAR sweeps)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Renderer speed: forward and forward+backward per view on LiDAR-seeded Gaussians."""
+
+    from recon.render.bench import RasterBenchConfig, run_raster_bench
+
+    sizes = [int(x) for x in gaussians.split(",") if x.strip()]
+    cfg = RasterBenchConfig(gaussians=sizes, width=width, height=height, views=views,
+                            backend=backend, device=device, repeats=repeats, warmup=warmup,
+                            seed=seed, frames=frames)
+    report = run_raster_bench(
+        cfg, progress=None if as_json else lambda m: typer.echo(m, err=True))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    c, sc = report["config"], report["scene"]
+    typer.echo(f"backend {c['backend']} on {c['device']} "
+               f"({report['machine']['cpu_threads']} threads), {width}x{height}, C={views}; "
+               f"scene {sc['log']}: {sc['lidar_gaussians']} LiDAR Gaussians, voxel "
+               f"{sc['voxel_m']:.3f} m, median scale {sc['median_scale_m']:.3f} m")
+    typer.echo(f"{'N':>9} {'visible':>8} {'pairs':>10} {'fwd ms':>8} {'fwd+bwd ms':>11} "
+               f"{'Mpairs/s f':>11} {'Mpairs/s fb':>12} {'peak MB':>8}")
+    for r in report["rows"]:
+        typer.echo(f"{r['gaussians']:>9} {r['visible']:>8} {r['pairs_composited']:>10} "
+                   f"{r['forward_s'] * 1e3:>8.1f} {r['forward_backward_s'] * 1e3:>11.1f} "
+                   f"{(r['pairs_per_s_forward'] or 0) / 1e6:>11.2f} "
+                   f"{(r['pairs_per_s_forward_backward'] or 0) / 1e6:>12.2f} "
+                   f"{r['peak_memory_mb']:>8.0f}")
+        if r["duplicated"]:
+            typer.echo(f"          ({r['duplicated']} of them jitter-duplicated: the log's "
+                       f"LiDAR gave {sc['lidar_gaussians']})")
+    typer.echo("pairs = Gaussian-pixel pairs composited per view (torch backend count); "
+               "times per view, median")
