@@ -122,6 +122,140 @@ def inspect(
     out.print(f"  tracks: {summary['tracks']} ({summary['moving_tracks']} moving)")
 
 
+def _frames_arg(frames: str | None) -> tuple[int, int] | None:
+    if not frames:
+        return None
+    try:
+        a, b = (int(x) for x in frames.split(":"))
+    except ValueError as e:
+        raise _fail(f"--frames must look like START:END, not {frames!r}") from e
+    return a, b
+
+
+@app.command()
+def reconstruct(
+    log_path: Annotated[Path, typer.Argument(metavar="LOG", help="Log directory or file.")],
+    out: Annotated[Path, typer.Option("--out", help="Scene directory to write.")],
+    method: Annotated[str, typer.Option(help="Optimiser: adam.")] = "adam",
+    iters: Annotated[int, typer.Option(help="Optimisation steps (Adam).")] = 3000,
+    time_budget_s: Annotated[float | None, typer.Option(
+        help="Stop at the first step past this many seconds.")] = None,
+    budget: Annotated[int, typer.Option(help="Static Gaussians at most.")] = 100_000,
+    densify: Annotated[bool, typer.Option(help="3DGS densify/prune (Adam).")] = False,
+    frames: Annotated[str | None, typer.Option(help="Frame range START:END.")] = None,
+    cameras: Annotated[str | None, typer.Option(help="Comma-separated cameras.")] = None,
+    backend: Annotated[str, typer.Option(help="Renderer: auto | torch | gsplat.")] = "auto",
+) -> None:
+    """Reconstruct a log into a decomposed Gaussian scene (assets in --out)."""
+    from recon.adam import AdamConfig
+    from recon.init import InitConfig, InitError
+    from recon.pipeline import reconstruct as run
+    from scenes.errors import LogFormatError
+    from scenes.formats import load_log
+
+    try:
+        log = load_log(log_path, frames=_frames_arg(frames),
+                       cameras=cameras.split(",") if cameras else None)
+    except (LogFormatError, ValueError) as e:
+        raise _fail(str(e)) from e
+    adam = AdamConfig(iters=iters, time_budget_s=time_budget_s, densify=densify,
+                      backend=backend)
+    with progress_bar() as bar:
+        task = bar.add_task("initialising", total=None)
+
+        def on_stage(s: str) -> None:
+            bar.update(task, description=s)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            bar.update(task, completed=step, total=total,
+                       description=f"optimising (loss {loss:.4f})")
+
+        try:
+            res = run(log, out, method=method, init=InitConfig(budget=budget), adam=adam,
+                      stage=on_stage, progress=on_step)
+        except (InitError, ValueError, LogFormatError) as e:
+            raise _fail(str(e)) from e
+    err.print(f"scene written to {res.scene_dir} ({res.iterations} steps, "
+              f"{res.recon_s:.1f} s)")
+
+
+@app.command()
+def render(
+    scene_dir: Annotated[Path, typer.Argument(metavar="SCENE", help="Scene directory.")],
+    frame: Annotated[int, typer.Option(help="Frame index of the log.")] = 0,
+    camera: Annotated[str | None, typer.Option(help="Camera name (default: first).")] = None,
+    shift_m: Annotated[float, typer.Option(help="Lateral ego shift (m, + = left).")] = 0.0,
+    hide_actor: Annotated[list[str] | None, typer.Option(help="Actor id to remove "
+                                                              "(repeatable).")] = None,
+    width: Annotated[int | None, typer.Option(help="Output width (default: camera's).")] = None,
+    height: Annotated[int | None, typer.Option(help="Output height.")] = None,
+    out: Annotated[Path, typer.Option(help="Image file (.png or .jpg).")] = Path("render.png"),
+    backend: Annotated[str, typer.Option(help="Renderer: auto | torch | gsplat.")] = "auto",
+) -> None:
+    """Render a recorded (or lane-shifted) view of a reconstructed scene."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from recon.assets import SceneFormatError, load_scene
+    from recon.neural import ActorEdit
+    from recon.views import View, render_view
+
+    try:
+        loaded = load_scene(scene_dir)
+        cam = camera or next(iter(loaded.cameras))
+        _, _, W, H, t = loaded.view(frame, cam, shift_m)
+        view = View(frame, cam, loaded.cam_to_world(frame, cam, shift_m),
+                    loaded.cameras[cam].K, W, H, t, shift_m)
+        edits = {a: ActorEdit(hide=True) for a in hide_actor or []}
+        with torch.no_grad():
+            res = render_view(loaded.scene, view, edits=edits, backend=backend, width=width,
+                              height=height)
+    except (SceneFormatError, ValueError, KeyError) as e:
+        raise _fail(str(e).strip('"')) from e
+    img = (res.rgb[0].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    Image.fromarray(img).save(out)
+    err.print(f"wrote {out} ({img.shape[1]}x{img.shape[0]})")
+
+
+@app.command("eval")
+def eval_cmd(
+    scene_dir: Annotated[Path, typer.Argument(metavar="SCENE", help="Scene directory.")],
+    log_path: Annotated[Path, typer.Argument(metavar="LOG", help="The log it came from.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    max_views: Annotated[int | None, typer.Option(help="Evaluate at most this many views "
+                                                       "per set.")] = None,
+    backend: Annotated[str, typer.Option(help="Renderer: auto | torch | gsplat.")] = "auto",
+) -> None:
+    """Held-out PSNR/SSIM, lane-shift PSNR, actor PSNR and depth RMSE of a scene."""
+    import numpy as np
+
+    from recon.assets import SceneFormatError, load_scene
+    from recon.evaluate import evaluate
+    from scenes.errors import LogFormatError
+    from scenes.formats import load_log
+
+    try:
+        loaded = load_scene(scene_dir)
+        log = load_log(log_path, ground_truth=True)
+    except (SceneFormatError, LogFormatError) as e:
+        raise _fail(str(e)) from e
+    offset = loaded.world_offset
+    if not np.allclose(offset, log.world_offset, atol=1e-6):
+        raise _fail(f"{log_path} is re-centred at {log.world_offset.round(3).tolist()} but the "
+                    f"scene at {offset.round(3).tolist()}: evaluate on the log (and frame "
+                    "range) the scene was reconstructed from")
+    with progress_bar() as bar:
+        task = bar.add_task("evaluating", total=None)
+        metrics = evaluate(loaded.scene, log, backend=backend, max_views=max_views,
+                           recon_s=loaded.manifest.get("recon_s"),
+                           progress=lambda d, t: bar.update(task, completed=d, total=t))
+    if as_json:
+        sys.stdout.write(json.dumps(metrics) + "\n")
+        return
+    Console().print_json(json.dumps(metrics))
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes its log.")] = Path(
