@@ -98,3 +98,43 @@ def raster(
                        f"LiDAR gave {sc['lidar_gaussians']})")
     typer.echo("pairs = Gaussian-pixel pairs composited per view (torch backend count); "
                "times per view, median")
+
+
+@bench_app.command("adam")
+def bench_adam(
+    seed: int = 0,
+    frames: int = 40,
+    width: int = 320,
+    height: int = 180,
+    budget: Annotated[int, typer.Option(help="Static Gaussians at most.")] = 100_000,
+    iters: Annotated[int, typer.Option(help="Adam steps.")] = 3000,
+    eval_every: Annotated[int, typer.Option(help="Evaluate every this many steps.")] = 250,
+    max_views: Annotated[int | None, typer.Option(help="Held-out views per curve point "
+                                                       "(evenly spaced subset).")] = 12,
+    backend: str = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Adam baseline: held-out PSNR vs steps and wall time, then the full protocol."""
+    from recon.adam import AdamConfig
+    from recon.adam_bench import bench_adam_curve
+    from recon.init import InitConfig
+    from scenes.synthetic import SyntheticConfig
+
+    console = Console(stderr=True)
+    res = bench_adam_curve(
+        SyntheticConfig(seed=seed, frames=frames, width=width, height=height),
+        InitConfig(budget=budget), AdamConfig(iters=iters, backend=backend),
+        eval_every=eval_every, max_views=max_views,
+        on_row=lambda r: console.print(f"step {r['step']:>6}  {r['wall_s']:>8.1f} s  "
+                                       f"PSNR {r['psnr']:.2f}  SSIM {r['ssim']:.3f}"))
+    if as_json:
+        print(json.dumps(res))
+        return
+    table = Table(title=f"Adam baseline on {res['log']} ({res['gaussians']})")
+    for col in ("step", "wall s", "held-out PSNR", "SSIM"):
+        table.add_column(col, justify="right")
+    for r in res["curve"]:
+        table.add_row(str(r["step"]), f"{r['wall_s']:.1f}", f"{r['psnr']:.2f}",
+                      f"{r['ssim']:.3f}")
+    Console().print(table)
+    Console().print_json(json.dumps(res["final"]))
