@@ -191,3 +191,22 @@ def test_cli_reconstruct_render_eval(tmp_path):
     assert metrics["psnr"] > 10 and metrics["recon_s"] > 0
     res = runner.invoke(app, ["render", str(scene_dir), "--frame", "99", "--out", str(png)])
     assert res.exit_code == 2 and "99" in res.output
+
+
+def test_densify_clones_splits_and_prunes(log):
+    scene = initialise_scene(log, SMALL_INIT)
+    n0 = scene.num_gaussians["static"]
+    with torch.no_grad():  # a few nearly transparent Gaussians to prune
+        scene.static_state[:50, 13] = -8.0
+    cfg = AdamConfig(iters=6, densify=True, densify_from=2, densify_every=2,
+                     densify_until_fraction=1.0, densify_grad_threshold=1e-7,
+                     max_gaussians=n0 + 500, backend="torch")
+    res = optimise_adam(scene, log, cfg)
+    n1 = scene.num_gaussians["static"]
+    assert res.iterations == 6
+    assert n1 != n0 and n1 <= n0 + 500
+    assert scene.static_anchors.shape[0] == scene.static_state.shape[0] == n1
+    assert torch.sigmoid(scene.static_state[:, 13]).min() > 0.0005  # pruned ones are gone
+    with torch.no_grad():
+        out = render_view(scene, heldout_views(log)[0], backend="torch")
+    assert torch.isfinite(out.rgb).all()
