@@ -139,7 +139,8 @@ def optimise_adam(scene: NeuralScene, log: LogSegment, config: AdamConfig | None
     views = source_views(log)
     if not views:
         raise ValueError(f"log {log.name!r} has no source views (even frames with images)")
-    targets = [v.target() for v in views]
+    device = scene.static_state.device
+    targets = [v.target(device) for v in views]
     extent = scene_extent(log)
     rng = np.random.default_rng(cfg.seed)
     lrs = torch.zeros(scene.channels)
@@ -214,8 +215,8 @@ class _Densifier:
         self.cfg = cfg
         self.extent = extent
         n = scene.static_state.shape[0]
-        self.grad_sum = torch.zeros(n)
-        self.count = torch.zeros(n)
+        self.grad_sum = torch.zeros(n, device=scene.static_state.device)
+        self.count = torch.zeros(n, device=scene.static_state.device)
 
     def accumulate(self, out) -> None:
         g = out.means2d.grad
@@ -263,8 +264,8 @@ class _Densifier:
         scene.static_anchors = torch.cat(new_a)
         scene.static_state = torch.nn.Parameter(state)
         opt.replace(0, scene.static_state, keep, len(state) - int(keep.sum()))
-        self.grad_sum = torch.zeros(len(state))
-        self.count = torch.zeros(len(state))
+        self.grad_sum = torch.zeros(len(state), device=state.device)
+        self.count = torch.zeros(len(state), device=state.device)
 
 
 

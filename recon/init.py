@@ -17,7 +17,7 @@ scene.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,12 +40,17 @@ class InitError(ValueError):
     """The log lacks what initialisation needs (says what is missing)."""
 
 
+def default_budget() -> int:
+    """Static Gaussian budget sized for the machine: millions on a GPU, ~100k on CPU."""
+    return 2_000_000 if torch.cuda.is_available() else 100_000
+
+
 @dataclass(frozen=True)
 class InitConfig:
     """Initialisation settings.
 
     Attributes:
-        budget: static Gaussians at most (CPU default ~100k; millions on a GPU).
+        budget: static Gaussians at most (default: :func:`default_budget`).
         actor_budget: Gaussians per actor at most.
         actor_voxel: finest voxel for actors (m).
         min_actor_points: tracks with fewer LiDAR points stay out of the actor set.
@@ -56,7 +61,7 @@ class InitConfig:
         seed: for subsampling.
     """
 
-    budget: int = 100_000
+    budget: int = field(default_factory=default_budget)
     actor_budget: int = 2000
     actor_voxel: float = 0.08
     min_actor_points: int = 20

@@ -296,14 +296,16 @@ class NeuralScene(nn.Module):
         parts = SceneParts(static=slice(0, len(static)))
         n = len(static)
         if len(self.actor_ids) and len(actors):
+            dev = self.actor_state.device
             poses, visible = self.actor_poses(t, edits)
+            pose_quats = matrix_to_quat_torch(poses[:, :3, :3]).to(dev)
+            poses, visible = poses.to(dev), visible.to(dev)
             keep = visible[self.actor_index]
             idx = self.actor_index[keep]
             R = poses[idx, :3, :3]
             placed = Splats(
                 means=torch.einsum("nij,nj->ni", R, actors.means[keep]) + poses[idx, :3, 3],
-                quats=quat_multiply(matrix_to_quat_torch(poses[:, :3, :3])[idx],
-                                    actors.quats[keep]),
+                quats=quat_multiply(pose_quats[idx], actors.quats[keep]),
                 scales=actors.scales[keep], opacities=actors.opacities[keep],
                 colors=actors.colors[keep])
             out.append(placed)

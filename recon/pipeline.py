@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from recon.adam import AdamConfig, optimise_adam
 from recon.assets import save_scene
 from recon.init import InitConfig, initialise_scene
@@ -38,20 +40,22 @@ def reconstruct(log: LogSegment, out_dir: str | Path, *, method: str = "adam",
                 stage: Callable[[str], None] | None = None,
                 progress: Callable[[int, int, float], None] | None = None,
                 should_stop: Callable[[], bool] | None = None,
-                overwrite: bool = True) -> ReconResult:
+                overwrite: bool = True, device: str | None = None) -> ReconResult:
     """Initialise from LiDAR, optimise with ``method``, write the assets atomically.
 
     Args:
         stage: called with "initialising", "optimising", "writing" as work moves on.
         progress: ``progress(step, total, loss)`` during optimisation.
         should_stop: polled between steps; a stopped run still writes what it has.
+        device: where to optimise (default: CUDA when available, else CPU).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     say = stage or (lambda _s: None)
     t0 = time.perf_counter()
     say("initialising")
-    scene = initialise_scene(log, init)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    scene = initialise_scene(log, init).to(dev)
     init_s = time.perf_counter() - t0
     say("optimising")
     res = optimise_adam(scene, log, adam, progress=progress, should_stop=should_stop)

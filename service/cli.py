@@ -140,7 +140,8 @@ def reconstruct(
     iters: Annotated[int, typer.Option(help="Optimisation steps (Adam).")] = 3000,
     time_budget_s: Annotated[float | None, typer.Option(
         help="Stop at the first step past this many seconds.")] = None,
-    budget: Annotated[int, typer.Option(help="Static Gaussians at most.")] = 100_000,
+    budget: Annotated[int | None, typer.Option(
+        help="Static Gaussians at most (default: 100k on CPU, 2M on a GPU).")] = None,
     densify: Annotated[bool, typer.Option(help="3DGS densify/prune (Adam).")] = False,
     frames: Annotated[str | None, typer.Option(help="Frame range START:END.")] = None,
     cameras: Annotated[str | None, typer.Option(help="Comma-separated cameras.")] = None,
@@ -171,7 +172,8 @@ def reconstruct(
                        description=f"optimising (loss {loss:.4f})")
 
         try:
-            res = run(log, out, method=method, init=InitConfig(budget=budget), adam=adam,
+            init = InitConfig() if budget is None else InitConfig(budget=budget)
+            res = run(log, out, method=method, init=init, adam=adam,
                       stage=on_stage, progress=on_step)
         except (InitError, ValueError, LogFormatError) as e:
             raise _fail(str(e)) from e
