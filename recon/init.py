@@ -16,14 +16,21 @@ scene.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from recon.lidar_points import neighbour_scales, voxel_downsample
+from recon.lidar_points import (
+    InitError,
+    LidarCloud,
+    ViewBank,
+    aggregate_lidar,
+    neighbour_scales,
+    project_colors,
+    voxel_downsample,
+)
 from recon.neural import (
     DEFAULT_LATENT,
     NeuralScene,
@@ -32,12 +39,6 @@ from recon.neural import (
 )
 from scenes.geometry import invert_pose
 from scenes.log import LogSegment, Track
-
-UNSEEN_COLOR = 0.5
-
-
-class InitError(ValueError):
-    """The log lacks what initialisation needs (says what is missing)."""
 
 
 def default_budget() -> int:
@@ -74,35 +75,6 @@ class InitConfig:
     seed: int = 0
 
 
-@dataclass
-class LidarCloud:
-    """All LiDAR points of a log in the world frame.
-
-    Attributes:
-        points: [P, 3] float32; time: [P] float64 (s); frame: [P] int64 position of the
-        sweep's frame in ``log.frames``.
-    """
-
-    points: Tensor
-    time: Tensor
-    frame: Tensor
-
-
-def aggregate_lidar(log: LogSegment) -> LidarCloud:
-    pts, times, frames = [], [], []
-    for i, f in enumerate(log.frames):
-        if not f.has_lidar:
-            continue
-        s = f.lidar()
-        pts.append(torch.from_numpy(np.asarray(s.points, dtype=np.float32)))
-        times.append(torch.from_numpy(np.asarray(s.time, dtype=np.float64)))
-        frames.append(torch.full((len(s),), i, dtype=torch.int64))
-    if not pts or sum(len(p) for p in pts) == 0:
-        raise InitError(f"log {log.name!r} has no LiDAR points: initialisation seeds Gaussians "
-                        "from LiDAR, so a log needs at least one non-empty sweep")
-    return LidarCloud(torch.cat(pts), torch.cat(times), torch.cat(frames))
-
-
 def assign_to_tracks(cloud: LidarCloud, tracks: dict[str, Track], margin: float = 0.1
                      ) -> tuple[Tensor, Tensor]:
     """Which track each point belongs to, and its object-frame position.
@@ -136,108 +108,6 @@ def assign_to_tracks(cloud: LidarCloud, tracks: dict[str, Track], margin: float 
         owner[sel[free]] = k
         local[sel[free]] = torch.from_numpy(loc[inside][free.numpy()]).float()
     return owner, local
-
-
-class ViewBank:
-    """Every (frame, camera) view of a log with projection helpers and LiDAR z-buffers."""
-
-    def __init__(self, log: LogSegment, cloud: LidarCloud) -> None:
-        self.log = log
-        self.views = [(fi, im) for fi, f in enumerate(log.frames) for im in f.images.values()]
-        self.w2c = torch.tensor(np.stack([invert_pose(im.cam_to_world) for _, im in self.views]),
-                                dtype=torch.float64) if self.views else torch.zeros(0, 4, 4)
-        self.cloud = cloud
-        self._zbuf: dict[int, Tensor] = {}
-
-    def camera(self, v: int):
-        return self.log.cameras[self.views[v][1].camera]
-
-    def project(self, v: int, points: Tensor) -> tuple[Tensor, Tensor]:
-        """Pixel coordinates [P, 2] (float) and camera z [P] of world points in view v."""
-        cam = self.camera(v)
-        pc = points.double() @ self.w2c[v, :3, :3].T + self.w2c[v, :3, 3]
-        z = pc[:, 2]
-        K = torch.from_numpy(cam.K)
-        uv = (pc @ K.T)[:, :2] / z.clamp_min(1e-6)[:, None]
-        return uv, z
-
-    def in_image(self, v: int, uv: Tensor, z: Tensor) -> Tensor:
-        cam = self.camera(v)
-        return (z > 0.1) & (uv[:, 0] >= 0) & (uv[:, 0] < cam.width) & (uv[:, 1] >= 0) & \
-            (uv[:, 1] < cam.height)
-
-    def zbuffer(self, v: int) -> Tensor:
-        """[H, W] nearest LiDAR depth of the view's own frame, splatted 3x3 (inf: none)."""
-        if v in self._zbuf:
-            return self._zbuf[v]
-        fi = self.views[v][0]
-        cam = self.camera(v)
-        pts = self.cloud.points[self.cloud.frame == fi]
-        uv, z = self.project(v, pts)
-        ok = self.in_image(v, uv, z)
-        u = uv[ok, 0].long()
-        w = uv[ok, 1].long()
-        zz = z[ok].float()
-        buf = torch.full((cam.height * cam.width,), math.inf)
-        for du in (-1, 0, 1):
-            for dv in (-1, 0, 1):
-                uu = (u + du).clamp(0, cam.width - 1)
-                vv = (w + dv).clamp(0, cam.height - 1)
-                buf.scatter_reduce_(0, vv * cam.width + uu, zz, "amin")
-        out = buf.reshape(cam.height, cam.width)
-        self._zbuf[v] = out
-        return out
-
-
-def project_colors(bank: ViewBank, points: Tensor, frame: Tensor) -> Tensor:
-    """RGB [P, 3] of world points [P, 3] observed at frames [P] (occlusion-aware).
-
-    A view qualifies when the point projects inside it in front of the camera and is not
-    behind the view's LiDAR z-buffer (3% + 0.3 m tolerance). Views of the point's own frame
-    come first; only points none of them sees look at the other frames. Among qualifying
-    views, the nearest camera wins. Points no view sees stay grey.
-    """
-    P = len(points)
-    colors = torch.full((P, 3), UNSEEN_COLOR)
-    if not bank.views:
-        return colors
-    best_score = torch.full((P,), math.inf, dtype=torch.float64)
-    best_view = torch.full((P,), -1, dtype=torch.int64)
-    best_uv = torch.zeros(P, 2, dtype=torch.int64)
-
-    def consider(v: int, idx: Tensor) -> None:
-        uv, z = bank.project(v, points[idx])
-        ok = bank.in_image(v, uv, z)
-        idx, uv, z = idx[ok], uv[ok], z[ok]
-        pix = uv.long()
-        vis = z <= bank.zbuffer(v)[pix[:, 1], pix[:, 0]].double() * 1.03 + 0.3
-        idx, pix = idx[vis], pix[vis]
-        centre = torch.from_numpy(bank.views[v][1].cam_to_world[:3, 3])
-        score = (points[idx].double() - centre).norm(dim=1)
-        better = score < best_score[idx]
-        idx = idx[better]
-        best_score[idx] = score[better]
-        best_view[idx] = v
-        best_uv[idx] = pix[better]
-
-    views_of_frame: dict[int, list[int]] = {}
-    for v, (fi, _) in enumerate(bank.views):
-        views_of_frame.setdefault(fi, []).append(v)
-    for fi in frame.unique().tolist():
-        idx = (frame == fi).nonzero().squeeze(1)
-        for v in views_of_frame.get(fi, []):
-            consider(v, idx)
-    unseen = (best_view < 0).nonzero().squeeze(1)
-    if len(unseen):
-        for v in range(len(bank.views)):
-            consider(v, unseen)
-    for v in best_view.unique().tolist():
-        if v < 0:
-            continue
-        sel = (best_view == v).nonzero().squeeze(1)
-        img = torch.from_numpy(np.array(bank.views[v][1].image()))
-        colors[sel] = img[best_uv[sel, 1], best_uv[sel, 0]].float() / 255.0
-    return colors
 
 
 def sky_colors(bank: ViewBank, grid: SkyGrid) -> Tensor:

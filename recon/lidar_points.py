@@ -11,8 +11,8 @@
    voxels is enough and costs O(points); no scipy, no N x N distances);
 4. colour: the pixel under the point in the nearest camera image (by distance to the
    camera centre) that sees it, preferring images of the point's own frame so that
-   moving things take colours from the right time; grey where no camera sees it.
-   Occlusion is not tested;
+   moving things take colours from the right time, with a depth test against that
+   frame's LiDAR z-buffer; grey where no camera sees it (:func:`project_colors`);
 5. identity rotations, opacity 0.7.
 
 Actor/static splitting and sky seeding belong to the full initialisation
@@ -71,23 +71,139 @@ class PointGaussians:
                               self.opacities[idx], self.colors[idx], self.voxel_size)
 
 
-def aggregate_sweeps(log: LogSegment) -> tuple[Tensor, Tensor]:
-    """All LiDAR points of the log in the world frame.
+class InitError(ValueError):
+    """The log lacks what initialisation needs (says what is missing)."""
 
-    Returns:
-        points [P, 3] float32 and frame [P] int64 (position of the sweep's frame in
-        ``log.frames``).
+
+@dataclass
+class LidarCloud:
+    """All LiDAR points of a log in the world frame.
+
+    Attributes:
+        points: [P, 3] float32; time: [P] float64 (s); frame: [P] int64 position of the
+        sweep's frame in ``log.frames``.
     """
-    pts, frame = [], []
+
+    points: Tensor
+    time: Tensor
+    frame: Tensor
+
+
+def aggregate_lidar(log: LogSegment) -> LidarCloud:
+    pts, times, frames = [], [], []
     for i, f in enumerate(log.frames):
         if not f.has_lidar:
             continue
-        p = np.asarray(f.lidar().points, dtype=np.float32)
-        pts.append(torch.from_numpy(p))
-        frame.append(torch.full((len(p),), i, dtype=torch.int64))
-    if not pts:
-        raise ValueError(f"log {log.name!r} has no LiDAR sweeps to seed Gaussians from")
-    return torch.cat(pts), torch.cat(frame)
+        s = f.lidar()
+        pts.append(torch.from_numpy(np.asarray(s.points, dtype=np.float32)))
+        times.append(torch.from_numpy(np.asarray(s.time, dtype=np.float64)))
+        frames.append(torch.full((len(s),), i, dtype=torch.int64))
+    if not pts or sum(len(p) for p in pts) == 0:
+        raise InitError(f"log {log.name!r} has no LiDAR points: initialisation seeds Gaussians "
+                        "from LiDAR, so a log needs at least one non-empty sweep")
+    return LidarCloud(torch.cat(pts), torch.cat(times), torch.cat(frames))
+
+
+class ViewBank:
+    """Every (frame, camera) view of a log with projection helpers and LiDAR z-buffers."""
+
+    def __init__(self, log: LogSegment, cloud: LidarCloud) -> None:
+        self.log = log
+        self.views = [(fi, im) for fi, f in enumerate(log.frames) for im in f.images.values()]
+        self.w2c = torch.tensor(np.stack([invert_pose(im.cam_to_world) for _, im in self.views]),
+                                dtype=torch.float64) if self.views else torch.zeros(0, 4, 4)
+        self.cloud = cloud
+        self._zbuf: dict[int, Tensor] = {}
+
+    def camera(self, v: int):
+        return self.log.cameras[self.views[v][1].camera]
+
+    def project(self, v: int, points: Tensor) -> tuple[Tensor, Tensor]:
+        """Pixel coordinates [P, 2] (float) and camera z [P] of world points in view v."""
+        cam = self.camera(v)
+        pc = points.double() @ self.w2c[v, :3, :3].T + self.w2c[v, :3, 3]
+        z = pc[:, 2]
+        K = torch.from_numpy(cam.K)
+        uv = (pc @ K.T)[:, :2] / z.clamp_min(1e-6)[:, None]
+        return uv, z
+
+    def in_image(self, v: int, uv: Tensor, z: Tensor) -> Tensor:
+        cam = self.camera(v)
+        return (z > 0.1) & (uv[:, 0] >= 0) & (uv[:, 0] < cam.width) & (uv[:, 1] >= 0) & \
+            (uv[:, 1] < cam.height)
+
+    def zbuffer(self, v: int) -> Tensor:
+        """[H, W] nearest LiDAR depth of the view's own frame, splatted 3x3 (inf: none)."""
+        if v in self._zbuf:
+            return self._zbuf[v]
+        fi = self.views[v][0]
+        cam = self.camera(v)
+        pts = self.cloud.points[self.cloud.frame == fi]
+        uv, z = self.project(v, pts)
+        ok = self.in_image(v, uv, z)
+        u = uv[ok, 0].long()
+        w = uv[ok, 1].long()
+        zz = z[ok].float()
+        buf = torch.full((cam.height * cam.width,), math.inf)
+        for du in (-1, 0, 1):
+            for dv in (-1, 0, 1):
+                uu = (u + du).clamp(0, cam.width - 1)
+                vv = (w + dv).clamp(0, cam.height - 1)
+                buf.scatter_reduce_(0, vv * cam.width + uu, zz, "amin")
+        out = buf.reshape(cam.height, cam.width)
+        self._zbuf[v] = out
+        return out
+
+
+def project_colors(bank: ViewBank, points: Tensor, frame: Tensor) -> Tensor:
+    """RGB [P, 3] of world points [P, 3] observed at frames [P] (occlusion-aware).
+
+    A view qualifies when the point projects inside it in front of the camera and is not
+    behind the view's LiDAR z-buffer (3% + 0.3 m tolerance). Views of the point's own frame
+    come first; only points none of them sees look at the other frames. Among qualifying
+    views, the nearest camera wins. Points no view sees stay grey.
+    """
+    P = len(points)
+    colors = torch.full((P, 3), UNSEEN_COLOR)
+    if not bank.views:
+        return colors
+    best_score = torch.full((P,), math.inf, dtype=torch.float64)
+    best_view = torch.full((P,), -1, dtype=torch.int64)
+    best_uv = torch.zeros(P, 2, dtype=torch.int64)
+
+    def consider(v: int, idx: Tensor) -> None:
+        uv, z = bank.project(v, points[idx])
+        ok = bank.in_image(v, uv, z)
+        idx, uv, z = idx[ok], uv[ok], z[ok]
+        pix = uv.long()
+        vis = z <= bank.zbuffer(v)[pix[:, 1], pix[:, 0]].double() * 1.03 + 0.3
+        idx, pix = idx[vis], pix[vis]
+        centre = torch.from_numpy(bank.views[v][1].cam_to_world[:3, 3])
+        score = (points[idx].double() - centre).norm(dim=1)
+        better = score < best_score[idx]
+        idx = idx[better]
+        best_score[idx] = score[better]
+        best_view[idx] = v
+        best_uv[idx] = pix[better]
+
+    views_of_frame: dict[int, list[int]] = {}
+    for v, (fi, _) in enumerate(bank.views):
+        views_of_frame.setdefault(fi, []).append(v)
+    for fi in frame.unique().tolist():
+        idx = (frame == fi).nonzero().squeeze(1)
+        for v in views_of_frame.get(fi, []):
+            consider(v, idx)
+    unseen = (best_view < 0).nonzero().squeeze(1)
+    if len(unseen):
+        for v in range(len(bank.views)):
+            consider(v, unseen)
+    for v in best_view.unique().tolist():
+        if v < 0:
+            continue
+        sel = (best_view == v).nonzero().squeeze(1)
+        img = torch.from_numpy(np.array(bank.views[v][1].image()))
+        colors[sel] = img[best_uv[sel, 1], best_uv[sel, 0]].float() / 255.0
+    return colors
 
 
 def _voxel_ids(points: Tensor, size: float) -> tuple[Tensor, Tensor]:
@@ -166,58 +282,11 @@ def neighbour_scales(points: Tensor, voxel_size: float, k: int = SCALE_NEIGHBOUR
     return torch.where(n > 0, mean.sqrt(), torch.full_like(mean, voxel_size)).float()
 
 
-def nearest_camera_colors(log: LogSegment, points: Tensor, frame: Tensor,
-                          chunk: int = 4096) -> Tensor:
-    """RGB [P, 3] in [0, 1] from the nearest image that sees each point.
-
-    Images of the point's own frame win over any other; among those, the camera
-    centre closest to the point. Points no image sees get grey.
-    """
-    views = [(fi, im) for fi, f in enumerate(log.frames) for im in f.images.values()]
-    P = len(points)
-    colors = torch.full((P, 3), UNSEEN_COLOR)
-    if not views:
-        return colors
-    w2c = torch.tensor(np.stack([invert_pose(im.cam_to_world) for _, im in views]),
-                       dtype=torch.float64)
-    Ks = torch.tensor(np.stack([log.cameras[im.camera].K for _, im in views]),
-                      dtype=torch.float64)
-    sizes = torch.tensor([(log.cameras[im.camera].width, log.cameras[im.camera].height)
-                          for _, im in views], dtype=torch.float64)
-    centres = torch.tensor(np.stack([im.cam_to_world[:3, 3] for _, im in views]),
-                           dtype=torch.float64)
-    view_frame = torch.tensor([fi for fi, _ in views])
-    best = torch.full((P,), -1, dtype=torch.int64)
-    best_uv = torch.zeros(P, 2, dtype=torch.int64)
-    for s in range(0, P, chunk):
-        p = points[s:s + chunk].double()
-        pc = torch.einsum("mij,pj->pmi", w2c[:, :3, :3], p) + w2c[:, :3, 3]  # [p, M, 3]
-        z = pc[..., 2]
-        uv = torch.einsum("mij,pmj->pmi", Ks[:, :2, :], pc) / z.clamp_min(1e-6)[..., None]
-        seen = (z > 0.1) & (uv >= 0).all(-1) & (uv < sizes).all(-1)
-        dist = (p[:, None, :] - centres[None]).norm(dim=-1)
-        # Another frame's image only counts when no own-frame image sees the point.
-        score = dist + 1e6 * (view_frame[None] != frame[s:s + chunk, None])
-        score = torch.where(seen, score, torch.full_like(score, math.inf))
-        val, arg = score.min(1)
-        ok = torch.isfinite(val)
-        best[s:s + chunk] = torch.where(ok, arg, -1)
-        best_uv[s:s + chunk] = uv[torch.arange(len(p)), arg].floor().long()
-    for v in best.unique().tolist():
-        if v < 0:
-            continue
-        sel = (best == v).nonzero().squeeze(1)
-        img = torch.from_numpy(np.array(views[v][1].image()))
-        u, w = best_uv[sel, 0], best_uv[sel, 1]
-        colors[sel] = img[w.clamp(0, img.shape[0] - 1), u.clamp(0, img.shape[1] - 1)].float() / 255
-    return colors
-
-
 def gaussians_from_lidar(log: LogSegment, budget: int, *, seed: int = 0,
                          opacity: float = INIT_OPACITY) -> PointGaussians:
     """Seed at most ``budget`` Gaussians from the log's LiDAR (see module docstring)."""
-    points, frame = aggregate_sweeps(log)
-    means, frame, size = voxel_downsample(points, frame, budget, seed=seed)
+    cloud = aggregate_lidar(log)
+    means, frame, size = voxel_downsample(cloud.points, cloud.frame, budget, seed=seed)
     scale = neighbour_scales(means, size)
     n = len(means)
     quats = torch.zeros(n, 4)
@@ -225,7 +294,7 @@ def gaussians_from_lidar(log: LogSegment, budget: int, *, seed: int = 0,
     return PointGaussians(
         means=means, quats=quats, scales=scale[:, None].expand(n, 3).contiguous(),
         opacities=torch.full((n,), float(opacity)),
-        colors=nearest_camera_colors(log, means, frame), voxel_size=size)
+        colors=project_colors(ViewBank(log, cloud), means, frame), voxel_size=size)
 
 
 def jitter_duplicate(g: PointGaussians, n: int, *, seed: int = 0) -> PointGaussians:

@@ -52,7 +52,9 @@ def test_gaussians_from_synthetic_lidar():
     assert torch.all(g.opacities == 0.7)
     assert (g.colors >= 0).all() and (g.colors <= 1).all()
     seen = (g.colors != 0.5).any(1)
-    assert 0.2 < seen.float().mean() < 1.0  # front cameras see part of a 360-degree sweep
+    # Front cameras see part of a 360-degree sweep, and the depth test drops points hidden
+    # behind nearer returns (at 64x36 a pixel spans many returns).
+    assert 0.1 < seen.float().mean() < 1.0
     big = jitter_duplicate(g, 6000)
     assert len(big) == 6000
     assert math.isclose(float(big.scales[0, 0] / g.scales[0, 0]), math.sqrt(4000 / 6000),
