@@ -1,7 +1,8 @@
 """Evaluation protocol (DESIGN.md, Measuring quality).
 
 On held-out (odd) frames of every camera: PSNR and SSIM (mean over images), depth RMSE
-against ground-truth z-depth where it exists (pixels with finite ground truth), PSNR
+and AbsRel against ground-truth z-depth where it exists (pixels with finite ground
+truth), PSNR
 inside moving-actor masks (pooled over all masked pixels of all held-out images: masks
 can be tiny). On lane-shifted ground truth (synthetic logs): PSNR per shift distance,
 both directions pooled as the mean over images. LPIPS needs pretrained weights that are
@@ -76,14 +77,14 @@ def evaluate(scene: NeuralScene, log: LogSegment, *, backend: str = "auto",
 
     Returns:
         ``{"psnr", "ssim", "psnr_shift": {"1", "2", "3"}, "psnr_actors", "depth_rmse",
-        "recon_s", "views"}``; pieces the log cannot provide are None.
+        "depth_abs_rel", "recon_s", "views"}``; pieces the log cannot provide are None.
     """
     held = _subset(heldout_views(log), max_views)
     shifted = _subset(shifted_views(log), max_views * 2 if max_views else None)
     moving = log.moving_tracks
     total = len(held) + len(shifted)
     done = 0
-    psnrs, ssims, sq_err, n_actor, d_err, d_n = [], [], 0.0, 0, 0.0, 0
+    psnrs, ssims, sq_err, n_actor, d_err, d_n, d_rel = [], [], 0.0, 0, 0.0, 0, 0.0
     for v in held:
         rgb, depth = _render(scene, v, backend)
         gt = v.target()
@@ -93,10 +94,11 @@ def evaluate(scene: NeuralScene, log: LogSegment, *, backend: str = "auto",
         if gt_depth is not None:
             valid = torch.from_numpy(np.isfinite(gt_depth))
             if valid.any():
-                r = depth_rmse(depth, torch.from_numpy(np.nan_to_num(gt_depth, posinf=0.0)),
-                               valid)
+                gt_d = torch.from_numpy(np.nan_to_num(gt_depth, posinf=0.0))
+                r = depth_rmse(depth, gt_d, valid)
                 d_err += r * r * int(valid.sum())
                 d_n += int(valid.sum())
+                d_rel += float(((depth[valid] - gt_d[valid]).abs() / gt_d[valid]).sum())
         if moving:
             m = torch.from_numpy(actor_mask(v, moving, gt_depth))
             if m.any():
@@ -119,6 +121,8 @@ def evaluate(scene: NeuralScene, log: LogSegment, *, backend: str = "auto",
         "psnr_shift": {f"{s:g}": _mean(by_shift.get(f"{s:g}", [])) for s in shifts},
         "psnr_actors": (10 * math.log10(n_actor / max(sq_err, 1e-12)) if n_actor else None),
         "depth_rmse": math.sqrt(d_err / d_n) if d_n else None,
+        # Mean |pred - gt| / gt: robust to the few far pixels that dominate the RMSE.
+        "depth_abs_rel": d_rel / d_n if d_n else None,
         "recon_s": recon_s,
         "views": {"heldout": len(held), "shifted": len(shifted)},
     }

@@ -55,6 +55,8 @@ class InitConfig:
         actor_budget: Gaussians per actor at most.
         actor_voxel: finest voxel for actors (m).
         min_actor_points: tracks with fewer LiDAR points stay out of the actor set.
+        actors: "all" tracks become actors (parked cars stay editable), or only the
+            "moving" ones (parked cars join the static background: fewer Gaussians).
         box_margin: xy margin (m) around a box when collecting its points.
         latent: latent channels L of the state.
         opacity: initial opacity of LiDAR Gaussians.
@@ -66,6 +68,7 @@ class InitConfig:
     actor_budget: int = 2000
     actor_voxel: float = 0.08
     min_actor_points: int = 20
+    actors: str = "all"
     box_margin: float = 0.1
     latent: int = DEFAULT_LATENT
     opacity: float = 0.7
@@ -161,8 +164,10 @@ def _part_gaussians(points: Tensor, frame: Tensor, budget: int, min_voxel: float
 def initialise_scene(log: LogSegment, config: InitConfig | None = None) -> NeuralScene:
     """Build the initial ``NeuralScene`` of a log (see module docstring)."""
     cfg = config or InitConfig()
+    if cfg.actors not in ("all", "moving"):
+        raise ValueError(f"InitConfig.actors must be 'all' or 'moving', not {cfg.actors!r}")
     cloud = aggregate_lidar(log)
-    tracks = dict(log.tracks)
+    tracks = {k: t for k, t in log.tracks.items() if cfg.actors == "all" or t.is_moving}
     owner, local = assign_to_tracks(cloud, tracks, cfg.box_margin)
     bank = ViewBank(log, cloud)
     track_list = list(tracks.values())

@@ -107,6 +107,7 @@ def bench_adam(
     width: int = 320,
     height: int = 180,
     budget: Annotated[int, typer.Option(help="Static Gaussians at most.")] = 100_000,
+    actors: Annotated[str, typer.Option(help="all | moving")] = "all",
     iters: Annotated[int, typer.Option(help="Adam steps.")] = 3000,
     eval_every: Annotated[int, typer.Option(help="Evaluate every this many steps.")] = 250,
     max_views: Annotated[int | None, typer.Option(help="Held-out views per curve point "
@@ -123,7 +124,7 @@ def bench_adam(
     console = Console(stderr=True)
     res = bench_adam_curve(
         SyntheticConfig(seed=seed, frames=frames, width=width, height=height),
-        InitConfig(budget=budget), AdamConfig(iters=iters, backend=backend),
+        InitConfig(budget=budget, actors=actors), AdamConfig(iters=iters, backend=backend),
         eval_every=eval_every, max_views=max_views,
         on_row=lambda r: console.print(f"step {r['step']:>6}  {r['wall_s']:>8.1f} s  "
                                        f"PSNR {r['psnr']:.2f}  SSIM {r['ssim']:.3f}"))

@@ -143,6 +143,8 @@ def reconstruct(
     budget: Annotated[int | None, typer.Option(
         help="Static Gaussians at most (default: 100k on CPU, 2M on a GPU).")] = None,
     densify: Annotated[bool, typer.Option(help="3DGS densify/prune (Adam).")] = False,
+    actors: Annotated[str, typer.Option(help="Which tracks become actors: all | moving "
+                                             "(parked cars then stay static).")] = "all",
     frames: Annotated[str | None, typer.Option(help="Frame range START:END.")] = None,
     cameras: Annotated[str | None, typer.Option(help="Comma-separated cameras.")] = None,
     backend: Annotated[str, typer.Option(help="Renderer: auto | torch | gsplat.")] = "auto",
@@ -172,7 +174,8 @@ def reconstruct(
                        description=f"optimising (loss {loss:.4f})")
 
         try:
-            init = InitConfig() if budget is None else InitConfig(budget=budget)
+            init = InitConfig(actors=actors) if budget is None else InitConfig(
+                budget=budget, actors=actors)
             res = run(log, out, method=method, init=init, adam=adam,
                       stage=on_stage, progress=on_step)
         except (InitError, ValueError, LogFormatError) as e:

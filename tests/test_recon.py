@@ -136,6 +136,7 @@ def test_few_adam_steps_improve_heldout_psnr(log):
     assert set(after) >= {"psnr", "ssim", "psnr_shift", "psnr_actors", "depth_rmse", "recon_s"}
     assert set(after["psnr_shift"]) == {"1", "2", "3"}
     assert after["depth_rmse"] is not None and after["depth_rmse"] > 0
+    assert 0 < after["depth_abs_rel"] < 1
 
 
 def test_adam_time_budget_stops_early(log):
@@ -144,6 +145,13 @@ def test_adam_time_budget_stops_early(log):
                                                backend="torch"))
     assert 1 <= res.iterations < 10_000
     assert res.seconds >= 0.5
+
+
+def test_parked_cars_can_stay_static(log):
+    scene = initialise_scene(log, dataclasses.replace(SMALL_INIT, actors="moving"))
+    assert scene.actor_ids and all(log.tracks[a].is_moving for a in scene.actor_ids)
+    with pytest.raises(ValueError, match="actors"):
+        initialise_scene(log, dataclasses.replace(SMALL_INIT, actors="some"))
 
 
 def test_log_without_lidar_fails_clearly():
