@@ -1,29 +1,33 @@
 """Pure-PyTorch Gaussian rasteriser: vectorised, differentiable, CPU and CUDA.
 
-Work scales with the (Gaussian, pixel) pairs a splat actually covers, not N x pixels:
+Work scales with the (Gaussian, pixel) pairs that actually contribute, not N x pixels:
 
 1. Project (``projection.py``) and keep the visible (camera, Gaussian) entries, sorted
-   by (camera, depth).
-2. Split the image rows of all cameras into chunks of about ``max_pairs_per_chunk``
-   pairs (never spanning two cameras), which bounds the memory of one chunk.
-3. Per chunk, without autograd: enumerate (Gaussian, row) items inside each splat's
-   extent box, and in each row only the pixels whose centres lie inside the ellipse
-   where ``o exp(-q/2) >= 1/255`` (an exact scanline span, so almost every enumerated
-   pair contributes). Pairs come out Gaussian-major, i.e. front to back; a stable sort
-   by pixel keeps that depth order inside each pixel. Transmittance is a segmented
-   exclusive cumulative sum of log(1 - alpha) (float64). Pairs at or after the point
-   where transmittance would reach 1e-4 are dropped (gsplat's exclusive early stop),
-   so nothing behind saturated pixels reaches the backward pass.
-4. The surviving pairs are composited by :class:`_CompositePairs`, an autograd Function
-   whose backward is the analytic 3DGS compositing gradient evaluated over the same
-   pairs with vectorised gathers, segmented suffix sums and ``index_add``; everything
-   upstream (projection, colours, depth) is differentiated by autograd. Dropped pairs
-   contribute nothing and get zero gradient, as in gsplat.
+   by (camera, depth), once.
+2. Per camera, list the (Gaussian, row) *items* inside each splat's extent box and each
+   item's exact scanline span of the ellipse where ``o exp(-q/2) >= 1/255``. Items come
+   out Gaussian-major, i.e. front to back.
+3. Walk the items front to back in *depth batches* of about ``max_pairs_per_chunk``
+   pairs, keeping a per-pixel log transmittance. Pixels that can no longer accept a
+   sample (gsplat's exclusive stop at T < 1e-4) are dropped from the list of live
+   pixels, and a batch enumerates only the live pixels of each span, so pixels behind
+   saturated ones cost nothing. Inside a batch a stable sort by pixel keeps the depth
+   order; the transmittance is a segmented exclusive sum of log(1 - alpha) (float64)
+   started from the pixel's value after the previous batches.
+4. Compositing and its gradient are one autograd Function per camera
+   (:class:`_CompositeCamera`): the forward is a CSR sparse-dense product
+   ``[pixels x Gaussians] @ features``; the backward walks the batches back to front
+   with a per-pixel suffix sum, sums the geometry gradient per item as moments
+   (sum d_sigma [1, dx, dx^2]) and folds items into per-Gaussian gradients.
+   Everything upstream (projection, colours, depth) is differentiated by autograd.
+   Dropped pairs contribute nothing and get zero gradient, as in gsplat.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -36,172 +40,254 @@ from recon.render.projection import (
     Projection,
 )
 
-#: Default pair budget of one chunk (~60 bytes of temporaries per pair).
-DEFAULT_MAX_PAIRS_PER_CHUNK = 1 << 22
+#: Default pair budget of one depth batch (~40 bytes kept per pair for the backward;
+#: small batches also keep the temporaries in cache).
+DEFAULT_MAX_PAIRS_PER_CHUNK = 1 << 18
 
 _LOG_T_MIN = math.log(TRANSMITTANCE_THRESHOLD)
+#: A pixel whose log T is at or below this can accept no further sample: every sample
+#: has alpha >= 1/255, so log(1 - alpha) <= log(1 - 1/255) (shrunk by 1e-4 for rounding).
+_LOG_T_DEAD = _LOG_T_MIN - math.log1p(-ALPHA_THRESHOLD) * (1.0 - 1e-4)
 #: Scanline spans are widened by this much (px); the exact alpha test decides.
 _SPAN_SLACK = 1e-3
 
 
-def _segment_starts(keys: Tensor) -> Tensor:
-    """For sorted ``keys`` [P], the index of the first element of each element's run."""
-    P = keys.numel()
-    is_start = torch.ones(P, dtype=torch.bool, device=keys.device)
-    if P > 1:
-        is_start[1:] = keys[1:] != keys[:-1]
-    idx = torch.arange(P, device=keys.device)
-    return torch.cummax(torch.where(is_start, idx, torch.zeros_like(idx)), dim=0).values
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A CSR matrix (sparse-dense products are the fast segmented sums on CPU)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
-def _log_transmittance(log1m_alpha: Tensor, starts: Tensor) -> Tensor:
-    """Segmented exclusive cumulative sum: log T before each pair, per pixel run.
-
-    Args:
-        log1m_alpha: [P] float64 log(1 - alpha), sorted by (pixel, depth).
-        starts: [P] index of the first pair of each pair's pixel.
-    """
-    excl = torch.cumsum(log1m_alpha, 0) - log1m_alpha
-    return excl - excl[starts]
-
-
-def _plan_chunks(cam: Tensor, y0: Tensor, y1: Tensor, box_w: Tensor, n_cams: int,
-                 height: int, budget: int) -> list[tuple[int, int, int]]:
-    """Split rows into (camera, row_start, row_end) chunks of about ``budget`` box pairs.
-
-    Pairs per row come from a difference array over the rows of all cameras.
-    """
-    device = cam.device
-    rows = n_cams * height
-    diff = torch.zeros(rows + 1, dtype=torch.int64, device=device)
-    diff.index_add_(0, cam * height + y0, box_w)
-    diff.index_add_(0, cam * height + y1, -box_w)
-    row_pairs = torch.cumsum(diff[:-1], 0)
-    before = torch.cumsum(row_pairs, 0) - row_pairs
-    row_cam = torch.arange(rows, device=device) // height
-    # Chunk label per row: budget bucket of the pairs before it, split at camera borders.
-    label = (before // max(budget, 1)) * (n_cams + 1) + row_cam
-    change = torch.ones(rows, dtype=torch.bool, device=device)
-    change[1:] = label[1:] != label[:-1]
-    starts = change.nonzero().squeeze(1).tolist()
-    bounds = starts + [rows]
-    out = []
-    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
-        c = s // height
-        out.append((c, s - c * height, e - c * height))
+def _pad_cumsum(x: Tensor) -> Tensor:
+    """[P] -> [P + 1] inclusive cumulative sum with a leading 0."""
+    out = x.new_zeros(x.numel() + 1)
+    torch.cumsum(x, 0, out=out[1:])
     return out
 
 
-class _CompositePairs(torch.autograd.Function):
-    """Front-to-back compositing of pre-sorted (Gaussian, pixel) pairs of one chunk.
+@dataclass
+class _Items:
+    """(Gaussian, row) items of one camera, Gaussian-major (front to back).
 
-    Forward: ``out[f, p] = sum_i alpha_i T_i feat[f, g_i]`` over the pairs i of pixel p.
-    Backward (per pixel, pairs in depth order, s_i = dL/dout[:, p] . feat[:, g_i]):
+    Attributes (all [R]):
+        g: camera-local visible index.
+        dy: pixel-centre y minus mean y.
+        h: 0.5 - mean x, so that dx = column + h (pixel centre minus mean).
+        qa, qb, qc: sigma - ln o = dx (qa dx + qb) + qc with the row's terms folded.
+        lo, hi: flat pixel indices of the span's first pixel and one past its last.
+        span: pixels in the span (0 if the row misses the ellipse).
+    """
+
+    g: Tensor
+    dy: Tensor
+    h: Tensor
+    qa: Tensor
+    qb: Tensor
+    qc: Tensor
+    lo: Tensor
+    hi: Tensor
+    span: Tensor
+
+
+def _camera_items(mx: Tensor, my: Tensor, ca: Tensor, cb: Tensor, cc: Tensor,
+                  log_o: Tensor, thr: Tensor, y0: Tensor, y1: Tensor, width: int) -> _Items:
+    """Items of one camera's visible Gaussians [V] (no grad), empty spans removed."""
+    device = mx.device
+    heights = (y1 - y0).clamp_min(0)
+    R = int(heights.sum())
+    g = torch.repeat_interleave(torch.arange(mx.numel(), device=device), heights)
+    row_first = torch.cumsum(heights, 0) - heights
+    row = y0[g] + torch.arange(R, device=device) - row_first[g]
+    dy = (row.to(mx.dtype) + 0.5) - my[g]
+    a, b, c = ca[g], cb[g], cc[g]
+    disc = a * thr[g] - (a * c - b * b) * dy * dy
+    half = torch.sqrt(disc.clamp_min(0)) / a
+    centre = mx[g] - b * dy / a - 0.5  # in pixel-index units
+    xlo = torch.ceil(centre - half - _SPAN_SLACK).clamp(0, width).long()
+    xhi = torch.floor(centre + half + _SPAN_SLACK).clamp(-1, width - 1).long()
+    span = torch.where(disc > 0, (xhi - xlo + 1).clamp_min(0), torch.zeros_like(xlo))
+    nz = (span > 0).nonzero().squeeze(1)
+    g, row, dy, a, b, c = g[nz], row[nz], dy[nz], a[nz], b[nz], c[nz]
+    lo = row * width + xlo[nz]
+    return _Items(g=g, dy=dy, h=0.5 - mx[g], qa=0.5 * a, qb=b * dy,
+                  qc=0.5 * c * dy * dy - log_o[g], lo=lo, hi=lo + span[nz], span=span[nz])
+
+
+@dataclass
+class _Batch:
+    """Pairs of one depth batch, kept for the backward. P pairs, I items, n_pix pixels.
+
+    Pixel order (sorted by pixel, depth order inside a pixel): ``crow`` [n_pix + 1]
+    int32 CSR row offsets, ``pix`` [P] int32, ``g`` [P] int32 camera-local Gaussian,
+    ``w`` [P] alpha T, ``trans`` [P] T, ``raw`` [P] o exp(-sigma) where the pair
+    contributes with an unclamped alpha, else 0 (no alpha gradient), ``perm`` [P]
+    enumeration index of each pixel-ordered pair. Enumeration order (item-major):
+    ``pix_e`` [P] int32, ``dx`` [P] pixel centre minus mean x. Items: ``item_g``,
+    ``item_dy``, ``count`` [I] pairs per item.
+    """
+
+    crow: Tensor
+    pix: Tensor
+    g: Tensor
+    w: Tensor
+    trans: Tensor
+    raw: Tensor
+    perm: Tensor
+    pix_e: Tensor
+    dx: Tensor
+    item_g: Tensor
+    item_dy: Tensor
+    count: Tensor
+
+
+def _render_batches(items: _Items, featT: Tensor, n_pix: int, width: int, budget: int,
+                    stats: dict[str, int]) -> tuple[Tensor, list[_Batch]]:
+    """Front-to-back compositing of one camera's items (no grad).
+
+    Args:
+        items: the camera's items.
+        featT: [V, F] camera-local features.
+        n_pix: H * W.
+
+    Returns:
+        ([n_pix, F] composite, the batches).
+    """
+    device, dtype = featT.device, featT.dtype
+    V = featT.shape[0]
+    R = items.g.numel()
+    log_t = torch.zeros(n_pix, dtype=torch.float64, device=device)
+    image = featT.new_zeros(n_pix, featT.shape[1])
+    span_cum = torch.cumsum(items.span, 0)
+    batches: list[_Batch] = []
+    live_pix = torch.arange(n_pix, device=device, dtype=torch.int32)
+    live_before = torch.arange(n_pix + 1, device=device)  # live pixels before each pixel
+    widen = 1.0
+    i0 = 0
+    while i0 < R:
+        # Window of items whose spans hold about budget * widen pairs, then cut it where
+        # the *live* pairs reach the budget (at least one item).
+        done = int(span_cum[i0 - 1]) if i0 > 0 else 0
+        j = int(torch.searchsorted(span_cum, done + int(budget * widen), right=True))
+        j = min(max(j, i0 + 1), R)
+        count_w = live_before[items.hi[i0:j]] - live_before[items.lo[i0:j]]
+        cum = torch.cumsum(count_w, 0)
+        k = max(int(torch.searchsorted(cum, budget, right=True)), 1)
+        i1 = i0 + k
+        span_w = int(span_cum[j - 1]) - done
+        widen = min(max(span_w / max(int(cum[-1]), 1), 1.0), 64.0)
+        count = count_w[:k]
+        sl = slice(i0, i1)
+        i0 = i1
+        P = int(cum[k - 1])
+        if P == 0:
+            continue
+        # Enumerate live pixels of each span: pair -> item, -> index into the live list.
+        I = count.numel()
+        item = torch.repeat_interleave(torch.arange(I, device=device), count, output_size=P)
+        first = cum[:k] - count
+        pos = torch.arange(P, device=device) + (live_before[items.lo[sl]] - first).index_select(0, item)
+        pix_e = live_pix.index_select(0, pos)
+        col = (pix_e % width).to(dtype)
+        dx = col + items.h[sl].index_select(0, item)
+        sigma = dx * (items.qa[sl].index_select(0, item) * dx + items.qb[sl].index_select(0, item))
+        sigma += items.qc[sl].index_select(0, item)
+        raw_e = torch.exp(-sigma)
+        # Stable sort by pixel keeps the depth order of the enumeration.
+        pix, perm = torch.sort(pix_e, stable=True)
+        raw = raw_e.index_select(0, perm)
+        alpha = raw.clamp_max(MAX_ALPHA)
+        valid = alpha >= ALPHA_THRESHOLD
+        alpha = torch.where(valid, alpha, torch.zeros_like(alpha))
+        la = torch.log1p(-alpha).double()
+        crow = torch.searchsorted(pix, torch.arange(n_pix + 1, device=device,
+                                                    dtype=torch.int32)).to(torch.int32)
+        cs = _pad_cumsum(la)
+        start = cs.index_select(0, crow[:-1])
+        pix_l = pix.long()
+        # Exclusive log T per pair: previous batches + earlier pairs of this batch.
+        lt = cs[:-1] + (log_t - start).index_select(0, pix_l)
+        keep = (lt + la > _LOG_T_MIN) & valid
+        log_t += cs.index_select(0, crow[1:]) - start
+        trans = torch.where(keep, torch.exp(lt), torch.zeros_like(lt)).to(dtype)
+        w = alpha * trans
+        raw = torch.where(keep & (raw <= MAX_ALPHA), raw, torch.zeros_like(raw))
+        g_e = items.g[sl]
+        g = g_e.index_select(0, item).index_select(0, perm).to(torch.int32)
+        image += _csr(crow, g, w, (n_pix, V)) @ featT
+        stats["pairs_enumerated"] += P
+        stats["pairs_composited"] += int(keep.sum())
+        stats["chunks"] += 1
+        batches.append(_Batch(crow=crow, pix=pix, g=g, w=w, trans=trans, raw=raw, perm=perm,
+                              pix_e=pix_e, dx=dx, item_g=g_e, item_dy=items.dy[sl],
+                              count=count))
+        if i0 < R:
+            live = log_t > _LOG_T_DEAD
+            live_pix = live.nonzero().squeeze(1).to(torch.int32)
+            live_before = _pad_cumsum(live.long())
+    return image, batches
+
+
+class _CompositeCamera(torch.autograd.Function):
+    """Front-to-back compositing of one camera's Gaussians.
+
+    Forward: ``out[p] = sum_i alpha_i T_i feat[g_i]`` over the pairs i of pixel p.
+    Backward (per pixel, pairs in depth order, s_i = dL/dout[p] . feat[g_i]):
     ``dL/dalpha_i = T_i s_i - (sum_{j>i} alpha_j T_j s_j) / (1 - alpha_i)``, then through
     ``alpha = min(0.999, o exp(-sigma))`` (no gradient where clamped) to the means,
-    conics and opacities; ``dL/dfeat[f, g] = sum_i alpha_i T_i dL/dout[f, p_i]``.
+    conics and opacities; ``dL/dfeat[g] = sum_i alpha_i T_i dL/dout[p_i]``.
     """
 
     @staticmethod
     def forward(ctx, mx: Tensor, my: Tensor, ca: Tensor, cb: Tensor, cc: Tensor,
-                op: Tensor, feat: Tensor, g: Tensor, pix: Tensor, alpha: Tensor,
-                trans: Tensor, n_pix: int, width: int, row0: int) -> Tensor:
-        w = alpha * trans
-        out = feat.new_zeros(feat.shape[0], n_pix)
-        for f in range(feat.shape[0]):  # loop over channels; each is a 1D gather/add
-            out[f].index_add_(0, pix, w * feat[f][g])
-        ctx.save_for_backward(mx, my, ca, cb, cc, op, feat, g, pix, alpha, trans)
-        ctx.geometry = (n_pix, width, row0)
-        return out
+                op: Tensor, feat: Tensor, items: _Items, n_pix: int, width: int,
+                budget: int, stats: dict[str, int]) -> Tensor:
+        image, batches = _render_batches(items, feat, n_pix, width, budget, stats)
+        ctx.save_for_backward(ca, cb, cc, op, feat)
+        ctx.batches = batches
+        return image
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        mx, my, ca, cb, cc, op, feat, g, pix, alpha, trans = ctx.saved_tensors
-        n_pix, width, row0 = ctx.geometry
-        V = mx.shape[0]
-        w = alpha * trans
-        s = torch.zeros_like(alpha)
-        grad_feat = None
-        if ctx.needs_input_grad[6]:
-            grad_feat = torch.zeros_like(feat)
-        for f in range(feat.shape[0]):
-            go = grad_out[f][pix]
-            s += go * feat[f][g]
-            if grad_feat is not None:
-                grad_feat[f].index_add_(0, g, w * go)
-        # Sum over later pairs of the same pixel: segment total minus inclusive prefix.
-        ws = (w * s).double()
-        cs = torch.cumsum(ws, 0)
-        prefix = cs - (cs - ws)[_segment_starts(pix)]
-        total = torch.zeros(n_pix, dtype=ws.dtype, device=ws.device).index_add_(0, pix, ws)
-        later = (total[pix] - prefix).to(alpha.dtype)
-        d_alpha = trans * s - later / (1.0 - alpha)
-
-        py = torch.div(pix, width, rounding_mode="floor")
-        px = pix - py * width
-        dx = mx[g] - (px.to(mx.dtype) + 0.5)
-        dy = my[g] - ((py + row0).to(my.dtype) + 0.5)
-        a, b, c = ca[g], cb[g], cc[g]
-        vis = torch.exp(-(0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy))
-        raw = op[g] * vis
-        d_alpha = torch.where(raw <= MAX_ALPHA, d_alpha, torch.zeros_like(d_alpha))
-        d_sigma = -d_alpha * raw
-
-        def scatter(values: Tensor) -> Tensor:
-            return torch.zeros(V, dtype=values.dtype, device=values.device).index_add_(
-                0, g, values)
-
-        grads = (
-            scatter(d_sigma * (a * dx + b * dy)),
-            scatter(d_sigma * (b * dx + c * dy)),
-            scatter(d_sigma * 0.5 * dx * dx),
-            scatter(d_sigma * dx * dy),
-            scatter(d_sigma * 0.5 * dy * dy),
-            scatter(d_alpha * vis),
-        )
-        return (*grads, grad_feat) + (None,) * 7
-
-
-def _enumerate_pairs(sel: Tensor, y0: Tensor, y1: Tensor, mx: Tensor, my: Tensor,
-                     ca: Tensor, cb: Tensor, cc: Tensor, log_o: Tensor, thr: Tensor,
-                     r0: int, r1: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Pairs of the selected Gaussians in rows [r0, r1), Gaussian-major.
-
-    In each (Gaussian, row) item only the scanline span of the ellipse
-    ``q <= thr`` (``thr = 2 ln(255 o)`` capped at 3.33^2) is enumerated.
-
-    Returns:
-        g [P] visible index, pix [P] int32 pixel index within the chunk, alpha [P]
-        (0 where below 1/255).
-    """
-    device = mx.device
-    cy0 = y0[sel].clamp_min(r0)
-    heights = y1[sel].clamp_max(r1) - cy0
-    R = int(heights.sum())
-    item_sel = torch.repeat_interleave(torch.arange(sel.numel(), device=device), heights)
-    row_first = torch.cumsum(heights, 0) - heights
-    row = cy0[item_sel] + torch.arange(R, device=device) - row_first[item_sel]
-    gi = sel[item_sel]
-    dy = (row.to(mx.dtype) + 0.5) - my[gi]  # pixel - mean
-    a, b, c = ca[gi], cb[gi], cc[gi]
-    disc = a * thr[gi] - (a * c - b * b) * dy * dy
-    half = torch.sqrt(disc.clamp_min(0)) / a
-    centre = mx[gi] - b * dy / a - 0.5  # in pixel-index units
-    xlo = torch.ceil(centre - half - _SPAN_SLACK).clamp(0, width).long()
-    xhi = torch.floor(centre + half + _SPAN_SLACK).clamp(-1, width - 1).long()
-    counts = torch.where(disc > 0, (xhi - xlo + 1).clamp_min(0), torch.zeros_like(xlo))
-    P = int(counts.sum())
-    first = torch.cumsum(counts, 0) - counts
-    item = torch.repeat_interleave(torch.arange(R, device=device), counts)
-    local = torch.arange(P, device=device) - first[item]
-    pix = (local + ((row - r0) * width + xlo)[item]).to(torch.int32)
-    # sigma = dx (a dx / 2 + b dy) + c dy^2 / 2, with per-row terms folded per item;
-    # alpha = o exp(-sigma) = exp(-(sigma - ln o)).
-    dx = local.to(mx.dtype) + (xlo.to(mx.dtype) + 0.5 - mx[gi])[item]
-    sigma = dx * ((0.5 * a)[item] * dx + (b * dy)[item]) + (0.5 * c * dy * dy - log_o[gi])[item]
-    alpha = torch.exp(-sigma).clamp_max(MAX_ALPHA)
-    alpha = torch.where(alpha >= ALPHA_THRESHOLD, alpha, torch.zeros_like(alpha))
-    return gi[item], pix, alpha
+        ca, cb, cc, op, feat = ctx.saved_tensors
+        batches: list[_Batch] = ctx.batches
+        V, F = feat.shape
+        n_pix = grad_out.shape[0]
+        grad_out = grad_out.contiguous()
+        device, dtype = feat.device, feat.dtype
+        grad_feat = torch.zeros_like(feat)
+        mom = torch.zeros(6, V, dtype=dtype, device=device)  # S0, Sx, Sy, Sxx, Sxy, Syy
+        later_carry = torch.zeros(n_pix, dtype=torch.float64, device=device)
+        for b in reversed(batches):
+            P = b.w.numel()
+            s = (grad_out.index_select(0, b.pix) * feat.index_select(0, b.g)).sum(1)
+            # Sum over later pairs of the pixel: later batches + the rest of this one.
+            cs = _pad_cumsum((b.w * s).double())
+            end = cs.index_select(0, b.crow[1:])
+            later = (later_carry + end).index_select(0, b.pix.long()) - cs[1:]
+            later_carry += end - cs.index_select(0, b.crow[:-1])
+            d_alpha = b.trans * s - later.to(dtype) / (1.0 - b.raw)
+            d_sigma = -d_alpha * b.raw
+            # Back to enumeration order: items are contiguous there.
+            d_sigma_e = torch.empty_like(d_sigma).index_copy_(0, b.perm, d_sigma)
+            w_e = torch.empty_like(b.w).index_copy_(0, b.perm, b.w)
+            I = b.count.numel()
+            item_crow = _pad_cumsum(b.count)
+            rhs = torch.stack([torch.ones_like(b.dx), b.dx, b.dx * b.dx], 1)
+            per_item = _csr(item_crow, torch.arange(P, device=device), d_sigma_e,
+                            (I, P)) @ rhs  # [I, 3]: sum d_sigma [1, dx, dx^2]
+            s0, sx, sxx = per_item.unbind(1)
+            dy = b.item_dy
+            for k, v in enumerate((s0, sx, s0 * dy, sxx, sx * dy, s0 * dy * dy)):
+                mom[k].index_add_(0, b.item_g, v)
+            g_count = torch.zeros(V, dtype=torch.long, device=device).index_add_(
+                0, b.item_g, b.count)
+            grad_feat += _csr(_pad_cumsum(g_count).to(torch.int32), b.pix_e, w_e, (V, n_pix)) @ grad_out
+        s0, sx, sy, sxx, sxy, syy = mom.unbind(0)
+        # sigma = a dx^2 / 2 + b dx dy + c dy^2 / 2 with dx = pixel - mean.
+        grads = (-(ca * sx + cb * sy), -(cb * sx + cc * sy), 0.5 * sxx, sxy, 0.5 * syy,
+                 -s0 / op)
+        return (*grads, grad_feat) + (None,) * 5
 
 
 def rasterize_torch(
@@ -220,17 +306,19 @@ def rasterize_torch(
         features: [C, N, F] per-view features to composite (callers append depth and a
             constant 1 whose composite is the pixel alpha).
         width, height: image size.
-        max_pairs_per_chunk: pair budget per chunk (bounds temporary memory).
+        max_pairs_per_chunk: pair budget per depth batch (bounds temporary memory).
 
     Returns:
         ([C, H, W, F] composited features without background, stats) where stats
         holds ``pairs_enumerated`` (pairs evaluated), ``pairs_composited``
-        (contributing pairs, the work of the backward pass) and ``chunks``.
+        (contributing pairs, the work of the backward pass) and ``chunks`` (depth
+        batches).
     """
     C, N = proj.valid.shape
     F = features.shape[-1]
     device = features.device
     dtype = features.dtype
+    n_pix = height * width
 
     with torch.no_grad():
         vc, vn = proj.valid.nonzero(as_tuple=True)
@@ -240,12 +328,8 @@ def rasterize_torch(
         vc, vn = vc[order], vn[order]
         m2d = proj.means2d.detach()[vc, vn]
         rad = proj.radii[vc, vn].to(m2d.dtype)
-        x0 = torch.floor(m2d[:, 0] - rad[:, 0]).clamp(0, width).long()
-        x1 = torch.ceil(m2d[:, 0] + rad[:, 0]).clamp(0, width).long()
         y0 = torch.floor(m2d[:, 1] - rad[:, 1]).clamp(0, height).long()
         y1 = torch.ceil(m2d[:, 1] + rad[:, 1]).clamp(0, height).long()
-        box_w = (x1 - x0) * (y1 > y0)
-        chunks = _plan_chunks(vc, y0, y1, box_w, C, height, max_pairs_per_chunk)
         cam_start = torch.searchsorted(vc, torch.arange(C + 1, device=device)).tolist()
         o_vis = opacities.detach()[vn]
         log_o = torch.log(o_vis)
@@ -257,35 +341,20 @@ def rasterize_torch(
     mx, my = m2[:, 0].contiguous(), m2[:, 1].contiguous()
     ca, cb, cc = (co[:, k].contiguous() for k in range(3))
     op = opacities[vn]
-    feat = features[vc, vn].t().contiguous()  # [F, V]
-    cols = [t.detach() for t in (mx, my, ca, cb, cc)]
+    feat = features[vc, vn]  # [V, F]
 
-    out_rows: list[Tensor] = []
-    n_enum = 0
-    n_comp = 0
-    for cam, r0, r1 in chunks:
-        n_pix = (r1 - r0) * width
+    stats = {"pairs_enumerated": 0, "pairs_composited": 0, "chunks": 0}
+    images = []
+    for cam in range(C):
+        lo, hi = cam_start[cam], cam_start[cam + 1]
+        if hi == lo:
+            images.append(feat.new_zeros(n_pix, F))
+            continue
+        cols = [t[lo:hi] for t in (mx, my, ca, cb, cc, op)]
         with torch.no_grad():
-            lo, hi = cam_start[cam], cam_start[cam + 1]
-            hit = (y0[lo:hi] < r1) & (y1[lo:hi] > r0) & (box_w[lo:hi] > 0)
-            sel = lo + hit.nonzero().squeeze(1)
-            g, pix, alpha = _enumerate_pairs(sel, y0, y1, *cols, log_o, thr, r0, r1, width)
-            n_enum += g.numel()
-            # Stable sort by pixel keeps the front-to-back order of the enumeration.
-            pix, perm = torch.sort(pix, stable=True)
-            g, alpha = g[perm], alpha[perm]
-            la = torch.log1p(-alpha).double()
-            log_t = _log_transmittance(la, _segment_starts(pix))
-            keep = ((log_t + la > _LOG_T_MIN) & (alpha > 0)).nonzero().squeeze(1)
-            g, pix, alpha = g[keep], pix[keep].long(), alpha[keep]
-            trans = torch.exp(log_t[keep]).to(dtype)
-            n_comp += g.numel()
-        out_rows.append(_CompositePairs.apply(mx, my, ca, cb, cc, op, feat, g, pix, alpha,
-                                              trans, n_pix, width, r0))
-
-    if out_rows:
-        image = torch.cat(out_rows, 1)
-    else:
-        image = torch.zeros(F, C * height * width, dtype=dtype, device=device)
-    stats = {"pairs_enumerated": n_enum, "pairs_composited": n_comp, "chunks": len(chunks)}
-    return image.t().reshape(C, height, width, F), stats
+            items = _camera_items(*(t.detach() for t in cols[:5]), log_o[lo:hi],
+                                  thr[lo:hi], y0[lo:hi], y1[lo:hi], width)
+        images.append(_CompositeCamera.apply(*cols, feat[lo:hi].contiguous(), items, n_pix,
+                                             width, max_pairs_per_chunk, stats))
+    image = torch.stack(images) if images else feat.new_zeros(0, n_pix, F)
+    return image.reshape(C, height, width, F).to(dtype), stats
