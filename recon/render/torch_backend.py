@@ -59,10 +59,10 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> T
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
-def _pad_cumsum(x: Tensor) -> Tensor:
-    """[P] -> [P + 1] inclusive cumulative sum with a leading 0."""
-    out = x.new_zeros(x.numel() + 1)
-    torch.cumsum(x, 0, out=out[1:])
+def _pad_cumsum(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """[P] -> [P + 1] inclusive cumulative sum with a leading 0, accumulated in ``dtype``."""
+    out = x.new_zeros(x.numel() + 1, dtype=dtype or x.dtype)
+    torch.cumsum(x, 0, dtype=out.dtype, out=out[1:])
     return out
 
 
@@ -71,7 +71,7 @@ class _Items:
     """(Gaussian, row) items of one camera, Gaussian-major (front to back).
 
     Attributes (all [R]):
-        g: camera-local visible index.
+        g: camera-local visible index (int32).
         dy: pixel-centre y minus mean y.
         h: 0.5 - mean x, so that dx = column + h (pixel centre minus mean).
         qa, qb, qc: sigma - ln o = dx (qa dx + qb) + qc with the row's terms folded.
@@ -110,7 +110,7 @@ def _camera_items(mx: Tensor, my: Tensor, ca: Tensor, cb: Tensor, cc: Tensor,
     nz = (span > 0).nonzero().squeeze(1)
     g, row, dy, a, b, c = g[nz], row[nz], dy[nz], a[nz], b[nz], c[nz]
     lo = row * width + xlo[nz]
-    return _Items(g=g, dy=dy, h=0.5 - mx[g], qa=0.5 * a, qb=b * dy,
+    return _Items(g=g.to(torch.int32), dy=dy, h=0.5 - mx[g], qa=0.5 * a, qb=b * dy,
                   qc=0.5 * c * dy * dy - log_o[g], lo=lo, hi=lo + span[nz], span=span[nz])
 
 
@@ -142,16 +142,17 @@ class _Batch:
 
 
 def _render_batches(items: _Items, featT: Tensor, n_pix: int, width: int, budget: int,
-                    stats: dict[str, int]) -> tuple[Tensor, list[_Batch]]:
+                    stats: dict[str, int], save: bool) -> tuple[Tensor, list[_Batch]]:
     """Front-to-back compositing of one camera's items (no grad).
 
     Args:
         items: the camera's items.
         featT: [V, F] camera-local features.
         n_pix: H * W.
+        save: keep what the backward needs.
 
     Returns:
-        ([n_pix, F] composite, the batches).
+        ([n_pix, F] composite, the batches (empty unless ``save``)).
     """
     device, dtype = featT.device, featT.dtype
     V = featT.shape[0]
@@ -162,6 +163,7 @@ def _render_batches(items: _Items, featT: Tensor, n_pix: int, width: int, budget
     batches: list[_Batch] = []
     live_pix = torch.arange(n_pix, device=device, dtype=torch.int32)
     live_before = torch.arange(n_pix + 1, device=device)  # live pixels before each pixel
+    live_col = (live_pix % width).to(dtype)  # their image columns
     widen = 1.0
     i0 = 0
     while i0 < R:
@@ -185,45 +187,46 @@ def _render_batches(items: _Items, featT: Tensor, n_pix: int, width: int, budget
         # Enumerate live pixels of each span: pair -> item, -> index into the live list.
         I = count.numel()
         item = torch.repeat_interleave(torch.arange(I, device=device), count, output_size=P)
-        first = cum[:k] - count
-        pos = torch.arange(P, device=device) + (live_before[items.lo[sl]] - first).index_select(0, item)
+        off = live_before[items.lo[sl]] - (cum[:k] - count)
+        pos = torch.arange(P, device=device).add_(off.index_select(0, item))
         pix_e = live_pix.index_select(0, pos)
-        col = (pix_e % width).to(dtype)
-        dx = col + items.h[sl].index_select(0, item)
-        sigma = dx * (items.qa[sl].index_select(0, item) * dx + items.qb[sl].index_select(0, item))
-        sigma += items.qc[sl].index_select(0, item)
-        raw_e = torch.exp(-sigma)
+        dx = live_col.index_select(0, pos).add_(items.h[sl].index_select(0, item))
+        sigma = items.qa[sl].index_select(0, item).mul_(dx)
+        sigma.add_(items.qb[sl].index_select(0, item)).mul_(dx)
+        raw_e = sigma.add_(items.qc[sl].index_select(0, item)).neg_().exp_()
         # Stable sort by pixel keeps the depth order of the enumeration.
         pix, perm = torch.sort(pix_e, stable=True)
         raw = raw_e.index_select(0, perm)
         alpha = raw.clamp_max(MAX_ALPHA)
         valid = alpha >= ALPHA_THRESHOLD
-        alpha = torch.where(valid, alpha, torch.zeros_like(alpha))
-        la = torch.log1p(-alpha).double()
+        alpha.mul_(valid)
         crow = torch.searchsorted(pix, torch.arange(n_pix + 1, device=device,
                                                     dtype=torch.int32)).to(torch.int32)
-        cs = _pad_cumsum(la)
+        cs = _pad_cumsum(torch.log1p(alpha.neg()), torch.float64)
         start = cs.index_select(0, crow[:-1])
-        pix_l = pix.long()
-        # Exclusive log T per pair: previous batches + earlier pairs of this batch.
-        lt = cs[:-1] + (log_t - start).index_select(0, pix_l)
-        keep = (lt + la > _LOG_T_MIN) & valid
+        # log T per pair: previous batches + earlier pairs of this pixel in this batch.
+        base = (log_t - start).index_select(0, pix)
+        keep = torch.add(cs[1:], base) > _LOG_T_MIN  # inclusive: T after the pair
+        keep &= valid
         log_t += cs.index_select(0, crow[1:]) - start
-        trans = torch.where(keep, torch.exp(lt), torch.zeros_like(lt)).to(dtype)
+        trans = base.add_(cs[:-1]).to(dtype).exp_().mul_(keep)
         w = alpha * trans
-        raw = torch.where(keep & (raw <= MAX_ALPHA), raw, torch.zeros_like(raw))
-        g_e = items.g[sl]
-        g = g_e.index_select(0, item).index_select(0, perm).to(torch.int32)
+        g_items = items.g[sl]
+        g = g_items.index_select(0, item.index_select(0, perm))
         image += _csr(crow, g, w, (n_pix, V)) @ featT
         stats["pairs_enumerated"] += P
-        stats["pairs_composited"] += int(keep.sum())
+        stats["pairs_composited"] += int(keep.count_nonzero())
         stats["chunks"] += 1
-        batches.append(_Batch(crow=crow, pix=pix, g=g, w=w, trans=trans, raw=raw, perm=perm,
-                              pix_e=pix_e, dx=dx, item_g=g_e, item_dy=items.dy[sl],
-                              count=count))
+        if save:
+            # Where alpha is clamped at 0.999 (or the pair does not count) no gradient.
+            keep &= raw <= MAX_ALPHA
+            batches.append(_Batch(crow=crow, pix=pix, g=g, w=w, trans=trans,
+                                  raw=raw.mul_(keep), perm=perm, pix_e=pix_e, dx=dx,
+                                  item_g=g_items, item_dy=items.dy[sl], count=count))
         if i0 < R:
             live = log_t > _LOG_T_DEAD
             live_pix = live.nonzero().squeeze(1).to(torch.int32)
+            live_col = (live_pix % width).to(dtype)
             live_before = _pad_cumsum(live.long())
     return image, batches
 
@@ -241,8 +244,8 @@ class _CompositeCamera(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mx: Tensor, my: Tensor, ca: Tensor, cb: Tensor, cc: Tensor,
                 op: Tensor, feat: Tensor, items: _Items, n_pix: int, width: int,
-                budget: int, stats: dict[str, int]) -> Tensor:
-        image, batches = _render_batches(items, feat, n_pix, width, budget, stats)
+                budget: int, stats: dict[str, int], save: bool) -> Tensor:
+        image, batches = _render_batches(items, feat, n_pix, width, budget, stats, save)
         ctx.save_for_backward(ca, cb, cc, op, feat)
         ctx.batches = batches
         return image
@@ -258,36 +261,43 @@ class _CompositeCamera(torch.autograd.Function):
         grad_feat = torch.zeros_like(feat)
         mom = torch.zeros(6, V, dtype=dtype, device=device)  # S0, Sx, Sy, Sxx, Sxy, Syy
         later_carry = torch.zeros(n_pix, dtype=torch.float64, device=device)
+        # Channels without gradient (e.g. depth when the loss ignores it) cost nothing.
+        go_t = grad_out.t().contiguous()  # [F, n_pix]
+        feat_t = feat.t().contiguous()  # [F, V]
+        live_f = go_t.ne(0).any(1).nonzero().squeeze(1).tolist()
         for b in reversed(batches):
             P = b.w.numel()
-            s = (grad_out.index_select(0, b.pix) * feat.index_select(0, b.g)).sum(1)
+            s = torch.zeros_like(b.w)
+            for f in live_f:
+                s.addcmul_(go_t[f].index_select(0, b.pix), feat_t[f].index_select(0, b.g))
             # Sum over later pairs of the pixel: later batches + the rest of this one.
-            cs = _pad_cumsum((b.w * s).double())
+            cs = _pad_cumsum(b.w * s, torch.float64)
             end = cs.index_select(0, b.crow[1:])
-            later = (later_carry + end).index_select(0, b.pix.long()) - cs[1:]
+            later = (later_carry + end).index_select(0, b.pix).sub_(cs[1:])
             later_carry += end - cs.index_select(0, b.crow[:-1])
-            d_alpha = b.trans * s - later.to(dtype) / (1.0 - b.raw)
-            d_sigma = -d_alpha * b.raw
+            # d_sigma = -raw dL/dalpha = raw (later / (1 - alpha) - T s)
+            d_sigma = later.to(dtype).div_(torch.rsub(b.raw, 1.0)).sub_(b.trans * s).mul_(b.raw)
             # Back to enumeration order: items are contiguous there.
             d_sigma_e = torch.empty_like(d_sigma).index_copy_(0, b.perm, d_sigma)
-            w_e = torch.empty_like(b.w).index_copy_(0, b.perm, b.w)
             I = b.count.numel()
-            item_crow = _pad_cumsum(b.count)
             rhs = torch.stack([torch.ones_like(b.dx), b.dx, b.dx * b.dx], 1)
-            per_item = _csr(item_crow, torch.arange(P, device=device), d_sigma_e,
+            per_item = _csr(_pad_cumsum(b.count), torch.arange(P, device=device), d_sigma_e,
                             (I, P)) @ rhs  # [I, 3]: sum d_sigma [1, dx, dx^2]
             s0, sx, sxx = per_item.unbind(1)
             dy = b.item_dy
             for k, v in enumerate((s0, sx, s0 * dy, sxx, sx * dy, s0 * dy * dy)):
                 mom[k].index_add_(0, b.item_g, v)
-            g_count = torch.zeros(V, dtype=torch.long, device=device).index_add_(
-                0, b.item_g, b.count)
-            grad_feat += _csr(_pad_cumsum(g_count).to(torch.int32), b.pix_e, w_e, (V, n_pix)) @ grad_out
+            if live_f:
+                w_e = torch.empty_like(b.w).index_copy_(0, b.perm, b.w)
+                g_count = torch.zeros(V, dtype=torch.long, device=device).index_add_(
+                    0, b.item_g, b.count)
+                g_crow = _pad_cumsum(g_count).to(torch.int32)
+                grad_feat += _csr(g_crow, b.pix_e, w_e, (V, n_pix)) @ grad_out
         s0, sx, sy, sxx, sxy, syy = mom.unbind(0)
         # sigma = a dx^2 / 2 + b dx dy + c dy^2 / 2 with dx = pixel - mean.
         grads = (-(ca * sx + cb * sy), -(cb * sx + cc * sy), 0.5 * sxx, sxy, 0.5 * syy,
                  -s0 / op)
-        return (*grads, grad_feat) + (None,) * 5
+        return (*grads, grad_feat) + (None,) * 6
 
 
 def rasterize_torch(
@@ -343,6 +353,9 @@ def rasterize_torch(
     op = opacities[vn]
     feat = features[vc, vn]  # [V, F]
 
+    # Keep per-pair state for the backward only when one can follow.
+    save = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (proj.means2d, proj.conics, opacities, features))
     stats = {"pairs_enumerated": 0, "pairs_composited": 0, "chunks": 0}
     images = []
     for cam in range(C):
@@ -355,6 +368,6 @@ def rasterize_torch(
             items = _camera_items(*(t.detach() for t in cols[:5]), log_o[lo:hi],
                                   thr[lo:hi], y0[lo:hi], y1[lo:hi], width)
         images.append(_CompositeCamera.apply(*cols, feat[lo:hi].contiguous(), items, n_pix,
-                                             width, max_pairs_per_chunk, stats))
+                                             width, max_pairs_per_chunk, stats, save))
     image = torch.stack(images) if images else feat.new_zeros(0, n_pix, F)
     return image.reshape(C, height, width, F).to(dtype), stats
