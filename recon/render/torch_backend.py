@@ -61,7 +61,8 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> T
 
 def _pad_cumsum(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """[P] -> [P + 1] inclusive cumulative sum with a leading 0, accumulated in ``dtype``."""
-    out = x.new_zeros(x.numel() + 1, dtype=dtype or x.dtype)
+    out = x.new_empty(x.numel() + 1, dtype=dtype or x.dtype)
+    out[0] = 0
     torch.cumsum(x, 0, dtype=out.dtype, out=out[1:])
     return out
 
@@ -200,8 +201,7 @@ def _render_batches(items: _Items, featT: Tensor, n_pix: int, width: int, budget
         alpha = raw.clamp_max(MAX_ALPHA)
         valid = alpha >= ALPHA_THRESHOLD
         alpha.mul_(valid)
-        crow = torch.searchsorted(pix, torch.arange(n_pix + 1, device=device,
-                                                    dtype=torch.int32)).to(torch.int32)
+        crow = _pad_cumsum(torch.bincount(pix, minlength=n_pix)).to(torch.int32)
         cs = _pad_cumsum(torch.log1p(alpha.neg()), torch.float64)
         start = cs.index_select(0, crow[:-1])
         # log T per pair: previous batches + earlier pairs of this pixel in this batch.
