@@ -42,7 +42,7 @@ from recon.render.projection import (
 
 #: Default pair budget of one depth batch (~40 bytes kept per pair for the backward;
 #: small batches also keep the temporaries in cache).
-DEFAULT_MAX_PAIRS_PER_CHUNK = 1 << 18
+DEFAULT_MAX_PAIRS_PER_CHUNK = 1 << 17
 
 _LOG_T_MIN = math.log(TRANSMITTANCE_THRESHOLD)
 #: A pixel whose log T is at or below this can accept no further sample: every sample
@@ -212,8 +212,8 @@ def _render_batches(items: _Items, featT: Tensor, n_pix: int, width: int, budget
         trans = base.add_(cs[:-1]).to(dtype).exp_().mul_(keep)
         w = alpha * trans
         g_items = items.g[sl]
-        g = g_items.index_select(0, item.index_select(0, perm))
-        image += _csr(crow, g, w, (n_pix, V)) @ featT
+        g = g_items.index_select(0, item).index_select(0, perm)
+        image.addmm_(_csr(crow, g, w, (n_pix, V)), featT)
         stats["pairs_enumerated"] += P
         stats["pairs_composited"] += int(keep.count_nonzero())
         stats["chunks"] += 1
