@@ -189,6 +189,29 @@ def test_chunking_and_per_view_colors_do_not_change_the_image():
     torch.testing.assert_close(many.depth, one.depth, rtol=1e-6, atol=1e-6)
 
 
+def test_depth_batches_do_not_change_the_gradients():
+    """Many small depth batches (skipping saturated pixels) give the one-batch gradients."""
+    scene = make_scene(5, dtype=torch.float64)
+    weights = _loss_weights(5, 3)
+
+    def grads(budget):
+        params = [t.clone().requires_grad_(True) for t in scene[:5]]
+        out = rasterize(*params, *scene[5:], W, H, NEAR, FAR, backend="torch",
+                        max_pairs_per_chunk=budget)
+        loss = ((out.rgb * weights[0]).sum() + (out.alpha * weights[1]).sum()
+                + 0.1 * (out.depth * weights[2]).sum())
+        return out.stats, torch.autograd.grad(loss, params)
+
+    one_stats, one = grads(1 << 20)
+    many_stats, many = grads(200)
+    assert one_stats["chunks"] == 2 and many_stats["chunks"] > 20
+    assert many_stats["pairs_composited"] == one_stats["pairs_composited"]
+    # Pixels saturated by earlier batches are not enumerated again.
+    assert many_stats["pairs_enumerated"] < one_stats["pairs_enumerated"]
+    for a, b in zip(many, one, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def _loss_weights(seed: int, d: int):
     g = torch.Generator().manual_seed(seed + 100)
     return [torch.rand(2, H, W, k, generator=g, dtype=torch.float64) for k in (d, 1, 1)]
