@@ -34,8 +34,9 @@ class RenderOutput:
         depths: [C, N] camera-space z of the means (undefined where radii are 0).
         backend: the backend that ran ("torch" or "gsplat").
         stats: backend counters. torch: ``pairs_enumerated`` (Gaussian-pixel pairs
-            evaluated), ``pairs_composited`` (pairs that contributed, the work of the
-            backward pass), ``chunks``; gsplat: ``tile_intersections``.
+            evaluated; pixels already saturated by nearer Gaussians are skipped),
+            ``pairs_composited`` (pairs that contributed, the work of the backward pass),
+            ``chunks`` (depth batches); gsplat: ``tile_intersections``.
     """
 
     rgb: Tensor
@@ -130,7 +131,8 @@ def rasterize(
         backend: "torch" (CPU or CUDA), "gsplat" (CUDA), or "auto" (gsplat when the
             tensors are on CUDA and gsplat is installed).
         max_pairs_per_chunk: torch backend only: Gaussian-pixel pairs evaluated per
-            chunk of rows, which bounds temporary memory.
+            depth batch, which bounds temporary memory (smaller batches skip more
+            saturated pixels but pay more per-batch overhead).
 
     Returns:
         :class:`RenderOutput` with rgb [C, H, W, D], alpha [C, H, W, 1], depth
