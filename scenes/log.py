@@ -116,6 +116,35 @@ class ImageSource:
             return self._load_array()
         return decode_image(self.encoded(), self.describe)
 
+    def as_format(self, fmt: str, quality: int = 95, subsampling: int | None = 0) -> bytes:
+        """Bytes in ``fmt`` ("JPEG" or "PNG"): recorded bytes verbatim when already in that
+        format (a log read and written again stays bit-identical), else encoded.
+
+        Args:
+            quality, subsampling: JPEG settings (subsampling 0 = 4:4:4; None = Pillow's
+                default).
+        """
+        magic = _MAGIC[fmt]
+        if self.is_encoded:
+            data = self.encoded()
+            if data.startswith(magic):
+                return data
+            pixels = decode_image(data, self.describe)
+        else:
+            pixels = self.load()
+        opts: dict = {}
+        if fmt == "JPEG":
+            opts["quality"] = quality
+            if subsampling is not None:
+                opts["subsampling"] = subsampling
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(buf, format=fmt,
+                                                                           **opts)
+        return buf.getvalue()
+
+
+_MAGIC = {"JPEG": b"\xff\xd8\xff", "PNG": b"\x89PNG\r\n\x1a\n"}
+
 
 def decode_image(data: bytes, where: str) -> np.ndarray:
     """Decode JPEG/PNG bytes to [H, W, 3] uint8; ``LogFormatError`` naming ``where``."""

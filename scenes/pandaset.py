@@ -49,7 +49,6 @@ Conventions and choices:
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -75,7 +74,6 @@ from scenes.log import (
     LogSegment,
     ShiftedView,
     Track,
-    decode_image,
     recentre,
 )
 
@@ -96,8 +94,6 @@ _CUBOID_ATTRIBUTES = ("attributes.object_motion", "attributes.rider_status",
                       "attributes.pedestrian_behavior", "attributes.pedestrian_age")
 
 GT_DIR = "drivesplat_gt"
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------- reading
@@ -562,7 +558,7 @@ def _write_sequence(log: LogSegment, seq: Path, ground_truth: bool) -> None:
                                  "PandaSet layout needs one image per camera and frame")
             poses.append(_pose_json(world(im.cam_to_world)))
             times.append(im.timestamp + t_abs)
-            (cdir / f"{k:02d}.jpg").write_bytes(_jpeg_bytes(im.source))
+            (cdir / f"{k:02d}.jpg").write_bytes(im.source.as_format("JPEG"))
         intr: dict[str, Any] = {"fx": cam.fx, "fy": cam.fy, "cx": cam.cx, "cy": cam.cy}
         if cam.distortion is not None:
             intr["distortion"] = [float(d) for d in cam.distortion]
@@ -657,7 +653,7 @@ def _write_ground_truth(log: LogSegment, root: Path, pos: dict[int, int],
             continue
         stem = f"{pos[v.frame_index]:02d}_{v.camera}_{len(views):03d}"
         img_rel, dep_rel = f"shifted/images/{stem}.png", f"shifted/depth/{stem}.npy"
-        (root / img_rel).write_bytes(_png_bytes(v.image))
+        (root / img_rel).write_bytes(v.image.as_format("PNG"))
         np.save(root / dep_rel, np.asarray(v.depth(), dtype=np.float32))
         views.append({"frame_index": pos[v.frame_index], "camera": v.camera,
                       "shift_m": float(v.shift_m),
@@ -673,34 +669,6 @@ def _pose_json(T: np.ndarray) -> dict[str, dict[str, float]]:
     return {"position": {"x": float(T[0, 3]), "y": float(T[1, 3]), "z": float(T[2, 3])},
             "heading": {"w": float(q[0]), "x": float(q[1]), "y": float(q[2]),
                         "z": float(q[3])}}
-
-
-def _jpeg_bytes(src: ImageSource) -> bytes:
-    """Recorded JPEG bytes verbatim; other images encoded at quality 95, no subsampling."""
-    if src.is_encoded:
-        data = src.encoded()
-        if data.startswith(_JPEG_MAGIC):
-            return data
-        pixels = decode_image(data, src.describe)
-    else:
-        pixels = src.load()
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(
-        buf, format="JPEG", quality=95, subsampling=0)
-    return buf.getvalue()
-
-
-def _png_bytes(src: ImageSource) -> bytes:
-    if src.is_encoded:
-        data = src.encoded()
-        if data.startswith(_PNG_MAGIC):
-            return data
-        pixels = decode_image(data, src.describe)
-    else:
-        pixels = src.load()
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _write_json(path: Path, data: Any) -> None:

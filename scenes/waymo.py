@@ -45,7 +45,6 @@ record when touched (one parsed Frame is cached), so memory stays flat for long 
 
 from __future__ import annotations
 
-import io
 import os
 import threading
 import warnings
@@ -56,7 +55,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from scenes.errors import LogFormatError
 from scenes.geometry import invert_pose, make_pose, rot_z
@@ -622,19 +620,6 @@ def build_top_range_images(sweep: LidarSweep, ego: _EgoTrajectory, t_frame: floa
             "inclinations": incl_rows, "explicit": explicit, "dropped": dropped}
 
 
-def _jpeg(src: ImageSource, quality: int) -> bytes:
-    if src.is_encoded:
-        data = src.encoded()
-        if data[:2] == b"\xff\xd8":  # already JPEG: copy verbatim
-            return data
-        arr = src.load()
-    else:
-        arr = src.load()
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(arr, dtype=np.uint8)).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 _CAMERA_ALIASES = {"LEFT": "SIDE_LEFT", "RIGHT": "SIDE_RIGHT", "BACK": "REAR"}
 
 
@@ -727,7 +712,7 @@ def write_waymo(log: LogSegment, path: str | os.PathLike, *,
             for c, im in f.images.items():
                 wi = fr.images.add()
                 wi.name = CAMERA_NAMES.index(cam_map[c]) + 1
-                wi.image = _jpeg(im.source, jpeg_quality)
+                wi.image = im.source.as_format("JPEG", jpeg_quality, subsampling=None)
                 vpose = im.cam_to_world @ invert_pose(extr_cv[c])
                 vpose[:3, 3] += offset
                 wi.pose.transform.extend(vpose.ravel().tolist())
