@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -117,7 +117,6 @@ class SyntheticConfig:
     lidar_noise: float = 0.01
     shifts_m: tuple[float, ...] = (1.0, 2.0, 3.0)
     jpeg_quality: int | None = 95
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.frames < 1:

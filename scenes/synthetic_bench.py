@@ -18,7 +18,7 @@ def bench_generation(config: SyntheticConfig, *, ground_truth: bool = True,
     JPEG + depth), ``lidar`` (all sweeps), ``log_total`` (the three: what a log with LiDAR
     costs), ``ground_truth`` (lane-shifted views), ``write`` (PandaSet writer), plus counts.
     """
-    out: dict = {"config": {k: v for k, v in asdict(config).items() if k != "extra"}}
+    out: dict = {"config": asdict(config)}
     t0 = time.perf_counter()
     log = generate_log(config)
     out["build_s"] = time.perf_counter() - t0
