@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ def reconstruct(log: LogSegment, out_dir: str | Path, *, method: str = "adam",
                 stage: Callable[[str], None] | None = None,
                 progress: Callable[[int, int, float], None] | None = None,
                 should_stop: Callable[[], bool] | None = None,
+                steps: int | None = None, turbo: bool = False,
                 overwrite: bool = True, device: str | None = None) -> ReconResult:
     """Initialise from LiDAR, optimise with ``method``, write the assets atomically.
 
@@ -47,10 +48,18 @@ def reconstruct(log: LogSegment, out_dir: str | Path, *, method: str = "adam",
         stage: called with "initialising", "optimising", "writing" as work moves on.
         progress: ``progress(step, total, loss)`` during optimisation.
         should_stop: polled between steps; a stopped run still writes what it has.
+        steps: optimiser steps (Adam iterations; G3R's T); None keeps the method's default.
+        turbo: G3R's short schedule (T = 12); not meaningful for Adam.
         device: where to optimise (default: CUDA when available, else CPU).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, not {steps}")
+    if method == "adam" and turbo:
+        raise ValueError("turbo is a G3R schedule; Adam takes steps (iterations) instead")
+    if method == "adam" and steps is not None:
+        adam = replace(adam or AdamConfig(), iters=steps)
     say = stage or (lambda _s: None)
     t0 = time.perf_counter()
     say("initialising")
