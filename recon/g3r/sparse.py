@@ -220,8 +220,9 @@ def scatter_mean(x: Tensor, index: Tensor, size: int) -> Tensor:
     indexing, ``v[index]``.
     """
     out = x.new_zeros(size, x.shape[1]).index_add_(0, index, x)
-    count = torch.bincount(index, minlength=size).clamp_min_(1).to(x.dtype)
-    return out / count[:, None]
+    # index_add rather than bincount: bincount reads index.max() back to the host on CUDA
+    count = x.new_zeros(size).index_add_(0, index, x.new_ones(index.shape[0]))
+    return out / count.clamp_min_(1)[:, None]
 
 
 @dataclass
