@@ -197,6 +197,26 @@ class ActorEdit:
 
 
 @dataclass
+class SceneState:
+    """The three state tensors of a scene, outside the module (G3R evolves these).
+
+    Attributes:
+        static: [Ns, C]; actors: [Na, C] (rows in ``NeuralScene.actor_index`` order);
+        sky: [Hs, Ws, C].
+    """
+
+    static: Tensor
+    actors: Tensor
+    sky: Tensor
+
+    def detach(self) -> SceneState:
+        return SceneState(self.static.detach(), self.actors.detach(), self.sky.detach())
+
+    def clone(self) -> SceneState:
+        return SceneState(self.static.clone(), self.actors.clone(), self.sky.clone())
+
+
+@dataclass
 class SceneParts:
     """Index ranges of the parts inside a composed splat set (for callers)."""
 
@@ -250,12 +270,27 @@ class NeuralScene(nn.Module):
                 "actors": int(self.actor_state.shape[0]),
                 "sky": int(self.sky_state.shape[0] * self.sky_state.shape[1])}
 
-    def decode_parts(self) -> tuple[Splats, Splats, Splats]:
-        """Static (world), actors (object frame) and sky (world) splats."""
-        static = decode(self.static_anchors, self.static_decoder(self.static_state))
-        actors = decode(self.actor_anchors, self.actor_decoder(self.actor_state))
-        sky_h = self.sky_state.reshape(-1, self.channels)
-        sky = decode(self.sky_anchors, self.sky_decoder(sky_h))
+    def state(self) -> SceneState:
+        """The scene's own state parameters (not copies)."""
+        return SceneState(self.static_state, self.actor_state, self.sky_state)
+
+    def load_state_(self, state: SceneState) -> None:
+        """Copy ``state`` into the scene's parameters (shapes must match)."""
+        with torch.no_grad():
+            self.static_state.copy_(state.static)
+            self.actor_state.copy_(state.actors)
+            self.sky_state.copy_(state.sky)
+
+    def decode_parts(self, state: SceneState | None = None) -> tuple[Splats, Splats, Splats]:
+        """Static (world), actors (object frame) and sky (world) splats.
+
+        Args:
+            state: decode these states instead of the scene's parameters (same shapes).
+        """
+        st = state or self.state()
+        static = decode(self.static_anchors, self.static_decoder(st.static))
+        actors = decode(self.actor_anchors, self.actor_decoder(st.actors))
+        sky = decode(self.sky_anchors, self.sky_decoder(st.sky.reshape(-1, self.channels)))
         return static, actors, sky
 
     def actor_poses(self, t: float, edits: dict[str, ActorEdit] | None = None
@@ -281,8 +316,11 @@ class NeuralScene(nn.Module):
         return torch.from_numpy(poses).float(), torch.from_numpy(visible)
 
     def splats(self, t: float, edits: dict[str, ActorEdit] | None = None,
-               include_sky: bool = True) -> tuple[Splats, SceneParts]:
+               include_sky: bool = True, state: SceneState | None = None
+               ) -> tuple[Splats, SceneParts]:
         """All parts composed in the world frame at time t (actors moved by their tracks).
+
+        ``state`` renders other states than the scene's parameters (G3R's unrolled h).
 
         Returns:
             splats [N, ...] and where each part sits in them.
@@ -291,7 +329,7 @@ class NeuralScene(nn.Module):
         if unknown:
             raise KeyError(f"no actor(s) {sorted(unknown)} in this scene; actors: "
                            f"{self.actor_ids}")
-        static, actors, sky = self.decode_parts()
+        static, actors, sky = self.decode_parts(state)
         out = [static]
         parts = SceneParts(static=slice(0, len(static)))
         n = len(static)

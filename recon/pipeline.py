@@ -11,11 +11,13 @@ import torch
 
 from recon.adam import AdamConfig, optimise_adam
 from recon.assets import save_scene
+from recon.g3r.optimize import G3RRunConfig
 from recon.init import InitConfig, initialise_scene
-from recon.neural import NeuralScene
+from recon.neural import BASE_CHANNELS, NeuralScene
 from scenes.log import LogSegment
 
-METHODS = ("adam",)
+METHODS = ("g3r", "adam")
+DEFAULT_METHOD = "g3r"
 
 
 @dataclass
@@ -33,14 +35,16 @@ class ReconResult:
     recon_s: float
     init_s: float
     iterations: int
+    checkpoint_hash: str | None = None
 
 
-def reconstruct(log: LogSegment, out_dir: str | Path, *, method: str = "adam",
+def reconstruct(log: LogSegment, out_dir: str | Path, *, method: str = DEFAULT_METHOD,
                 init: InitConfig | None = None, adam: AdamConfig | None = None,
                 stage: Callable[[str], None] | None = None,
                 progress: Callable[[int, int, float], None] | None = None,
                 should_stop: Callable[[], bool] | None = None,
                 steps: int | None = None, turbo: bool = False,
+                checkpoint: str | Path | None = None, g3r: G3RRunConfig | None = None,
                 overwrite: bool = True, device: str | None = None) -> ReconResult:
     """Initialise from LiDAR, optimise with ``method``, write the assets atomically.
 
@@ -50,6 +54,8 @@ def reconstruct(log: LogSegment, out_dir: str | Path, *, method: str = "adam",
         should_stop: polled between steps; a stopped run still writes what it has.
         steps: optimiser steps (Adam iterations; G3R's T); None keeps the method's default.
         turbo: G3R's short schedule (T = 12); not meaningful for Adam.
+        checkpoint: G3R model file (default: the shipped checkpoint); its SHA-256 lands
+            in the manifest. g3r: other G3R run settings (lift resolution, backend).
         device: where to optimise (default: CUDA when available, else CPU).
     """
     if method not in METHODS:
@@ -60,18 +66,37 @@ def reconstruct(log: LogSegment, out_dir: str | Path, *, method: str = "adam",
         raise ValueError("turbo is a G3R schedule; Adam takes steps (iterations) instead")
     if method == "adam" and steps is not None:
         adam = replace(adam or AdamConfig(), iters=steps)
+    if method != "g3r" and (checkpoint is not None or g3r is not None):
+        raise ValueError("checkpoint and G3R settings apply to method g3r only")
     say = stage or (lambda _s: None)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ckpt = None
+    if method == "g3r":  # load (and fail on a bad file) before any work
+        from recon.g3r.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(checkpoint, device=dev)
     t0 = time.perf_counter()
     say("initialising")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if ckpt is not None:
+        latent = ckpt.model.config.channels - BASE_CHANNELS
+        init = replace(init or InitConfig(), latent=latent)
     scene = initialise_scene(log, init).to(dev)
     init_s = time.perf_counter() - t0
     say("optimising")
-    res = optimise_adam(scene, log, adam, progress=progress, should_stop=should_stop)
+    if ckpt is not None:
+        from recon.g3r.optimize import optimise_g3r
+
+        run = replace(g3r or G3RRunConfig(), steps=steps, turbo=turbo)
+        res = optimise_g3r(scene, log, ckpt.model, run, progress=progress,
+                           should_stop=should_stop)
+    else:
+        res = optimise_adam(scene, log, adam, progress=progress, should_stop=should_stop)
     recon_s = init_s + res.seconds
     say("writing")
     path = save_scene(scene, out_dir, log=log, method=method, recon_s=recon_s,
+                      checkpoint_hash=ckpt.sha256 if ckpt is not None else None,
                       metrics={"init_s": init_s, "iterations": res.iterations,
                                "final_loss": res.losses[-1] if res.losses else None},
                       overwrite=overwrite)
-    return ReconResult(Path(path), scene, recon_s, init_s, res.iterations)
+    return ReconResult(Path(path), scene, recon_s, init_s, res.iterations,
+                       ckpt.sha256 if ckpt is not None else None)

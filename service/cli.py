@@ -136,10 +136,16 @@ def _frames_arg(frames: str | None) -> tuple[int, int] | None:
 def reconstruct(
     log_path: Annotated[Path, typer.Argument(metavar="LOG", help="Log directory or file.")],
     out: Annotated[Path, typer.Option("--out", help="Scene directory to write.")],
-    method: Annotated[str, typer.Option(help="Optimiser: adam.")] = "adam",
+    method: Annotated[str, typer.Option(help="Optimiser: g3r (learned, T steps) | adam "
+                                             "(per-scene baseline).")] = "g3r",
+    steps: Annotated[int | None, typer.Option(
+        help="G3R update steps T (default 24; --turbo 12).")] = None,
+    turbo: Annotated[bool, typer.Option(help="G3R's short schedule (T = 12).")] = False,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="G3R model (default: the checkpoint shipped with drivesplat).")] = None,
     iters: Annotated[int, typer.Option(help="Optimisation steps (Adam).")] = 3000,
     time_budget_s: Annotated[float | None, typer.Option(
-        help="Stop at the first step past this many seconds.")] = None,
+        help="Adam: stop at the first step past this many seconds.")] = None,
     budget: Annotated[int | None, typer.Option(
         help="Static Gaussians at most (default: 100k on CPU, 2M on a GPU).")] = None,
     densify: Annotated[bool, typer.Option(help="3DGS densify/prune (Adam).")] = False,
@@ -151,11 +157,21 @@ def reconstruct(
 ) -> None:
     """Reconstruct a log into a decomposed Gaussian scene (assets in --out)."""
     from recon.adam import AdamConfig
+    from recon.g3r.checkpoint import CheckpointError
+    from recon.g3r.optimize import G3RRunConfig
     from recon.init import InitConfig, InitError
+    from recon.pipeline import METHODS
     from recon.pipeline import reconstruct as run
     from scenes.errors import LogFormatError
     from scenes.formats import load_log
 
+    if method not in METHODS:
+        raise _fail(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    if method == "adam" and (steps is not None or turbo or checkpoint is not None):
+        raise _fail("--steps, --turbo and --checkpoint are G3R options; Adam takes --iters "
+                    "or --time-budget-s")
+    if method == "g3r" and (time_budget_s is not None or densify):
+        raise _fail("--time-budget-s and --densify are Adam options")
     try:
         log = load_log(log_path, frames=_frames_arg(frames),
                        cameras=cameras.split(",") if cameras else None)
@@ -171,16 +187,18 @@ def reconstruct(
 
         def on_step(step: int, total: int, loss: float) -> None:
             bar.update(task, completed=step, total=total,
-                       description=f"optimising (loss {loss:.4f})")
+                       description=f"optimising {step}/{total} (loss {loss:.4f})")
 
         try:
             init = InitConfig(actors=actors) if budget is None else InitConfig(
                 budget=budget, actors=actors)
-            res = run(log, out, method=method, init=init, adam=adam,
-                      stage=on_stage, progress=on_step)
-        except (InitError, ValueError, LogFormatError) as e:
+            g3r_kw = ({"steps": steps, "turbo": turbo, "checkpoint": checkpoint,
+                       "g3r": G3RRunConfig(backend=backend)} if method == "g3r" else {})
+            res = run(log, out, method=method, init=init, adam=adam, stage=on_stage,
+                      progress=on_step, **g3r_kw)
+        except (InitError, ValueError, LogFormatError, CheckpointError) as e:
             raise _fail(str(e)) from e
-    err.print(f"scene written to {res.scene_dir} ({res.iterations} steps, "
+    err.print(f"scene written to {res.scene_dir} ({method}, {res.iterations} steps, "
               f"{res.recon_s:.1f} s)")
 
 
@@ -259,6 +277,60 @@ def eval_cmd(
         sys.stdout.write(json.dumps(metrics) + "\n")
         return
     Console().print_json(json.dumps(metrics))
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option("--out", help="Training directory (log, resume "
+                                                    "state, g3r.safetensors).")],
+    iterations: Annotated[int | None, typer.Option(help="Network updates.")] = None,
+    time_budget_s: Annotated[float | None, typer.Option(
+        help="Stop at the first update past this many seconds.")] = None,
+    scenes: Annotated[int | None, typer.Option(help="Training scenes in the pool.")] = None,
+    frames: Annotated[int | None, typer.Option(help="Frames per training log.")] = None,
+    width: Annotated[int | None, typer.Option(help="Training image width.")] = None,
+    height: Annotated[int | None, typer.Option(help="Training image height.")] = None,
+    budget: Annotated[int | None, typer.Option(help="Static Gaussians per scene.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
+    heldout_loss: Annotated[bool, typer.Option(
+        help="Take the loss on held-out views too (--no-heldout-loss: ablation).")] = True,
+    constant_gamma: Annotated[bool, typer.Option(
+        help="Constant step size instead of the cosine schedule (ablation).")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from --out/train_state.pt.")] = True,
+    seed: Annotated[int | None, typer.Option(help="Network init and sampling seed.")] = None,
+    backend: Annotated[str, typer.Option(help="Renderer: auto | torch | gsplat.")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+) -> None:
+    """Meta-train a G3R model on synthetic scenes (seeds disjoint from evaluation)."""
+    from dataclasses import replace
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    from recon.g3r.train import TrainConfig, with_overrides
+    from recon.g3r.train import train as run_training
+
+    cfg = with_overrides(TrainConfig(), iterations=iterations, time_budget_s=time_budget_s,
+                         scenes=scenes, frames=frames, width=width, height=height,
+                         budget=budget, lr=lr, seed=seed)
+    cfg = replace(cfg, heldout_loss=heldout_loss,
+                  model=replace(cfg.model, constant_gamma=constant_gamma))
+    with progress_bar() as bar:
+        task = bar.add_task("building training scenes", total=None)
+
+        def on_iter(it: int, total: int, row: dict) -> None:
+            val = f", val {row['val_psnr']:.2f} dB" if "val_psnr" in row else ""
+            bar.update(task, completed=it, total=total,
+                       description=f"training (loss {row['loss']:.4f}, held-out "
+                                   f"{row.get('psnr_heldout', float('nan')):.2f} dB{val})")
+
+        try:
+            path = run_training(cfg, out, resume=resume, backend=backend, progress=on_iter)
+        except ValueError as e:
+            raise _fail(str(e)) from e
+    err.print(f"checkpoint written to {path}")
 
 
 @app.command()

@@ -1,1 +1,1 @@
-"""G3R learned optimizer: gradient lifting, sparse-voxel network, unrolled updates, meta-training."""
+"""G3R learned optimizer: gradient lifting, sparse-voxel network, updates, training."""

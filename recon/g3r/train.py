@@ -1,0 +1,286 @@
+"""Meta-training of the G3R model across synthetic scenes (DESIGN.md, Learned optimizer, 4).
+
+An *episode* takes one training scene from its LiDAR initialisation through K update
+steps (K, the unroll length, grows over training up to T). At every step:
+
+1. the gradient input is lifted from the scene's **source** views only;
+2. the model updates the state;
+3. the loss is taken on a sample of source **and held-out** views of the new state:
+   MSE + w_ssim (1 - SSIM) + w_flat * mean smallest scale (flat Gaussians hug surfaces);
+4. backpropagation goes through this one step only (the state is detached before the
+   next step), and Adam updates the network.
+
+Training scenes come from seeds disjoint from the evaluation seeds (``train_seeds``), with
+their settings (traffic, curvature, field of view, speed) drawn per seed; they are built
+once and kept in memory. Progress is logged as JSON lines (loss, source/held-out PSNR,
+validation PSNR after full T-step runs on scenes outside the pool); ``train_state.pt``
+lets a run resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from recon.g3r.checkpoint import save_checkpoint
+from recon.g3r.lift import ViewTargets, lift_gradient, render_targets, view_targets
+from recon.g3r.model import G3RConfig, G3RModel, SceneGraph, build_scene_graph
+from recon.g3r.optimize import g3r_steps, normalised
+from recon.init import InitConfig, initialise_scene
+from recon.metrics import psnr, ssim
+from recon.neural import LOG_SCALE, NeuralScene, SceneState
+from recon.views import heldout_views, source_views
+from scenes.synthetic import EVAL_SEEDS, SyntheticConfig, generate_log, train_seeds
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of ``drivesplat train`` (stored in the checkpoint's metadata).
+
+    Attributes:
+        scenes: training pool size; val_scenes: validation scenes (also training seeds,
+            outside the pool); seed_start: first training seed.
+        frames, width, height, cameras: the synthetic training logs.
+        budget, actor_budget: Gaussians per training scene (static; per actor).
+        iterations: network updates (one per unrolled step).
+        lr: Adam learning rate; grad_clip: global norm clip.
+        unroll_start, unroll_every: the unroll length starts at ``unroll_start`` steps
+            and grows by one every ``unroll_every`` episodes, up to T.
+        turbo_fraction: share of episodes run with the turbo schedule (T = 12).
+        loss_views: views (per kind: source, held-out) the loss is taken on each step.
+        heldout_loss: include held-out views in the loss (ablation: False).
+        ssim_weight, flat_weight: loss terms.
+        lift_scale: resolution of gradient lifting relative to the training images.
+        val_every: validate every this many iterations; save_every: write train_state.
+        time_budget_s: stop at the first iteration past this many seconds.
+        seed: network init and sampling.
+        model: architecture.
+    """
+
+    scenes: int = 12
+    val_scenes: int = 1
+    seed_start: int = train_seeds(1)[0]
+    frames: int = 8
+    width: int = 160
+    height: int = 90
+    cameras: tuple[str, ...] = ("front_camera", "front_left_camera", "front_right_camera")
+    budget: int = 12_000
+    actor_budget: int = 600
+    iterations: int = 1500
+    lr: float = 1e-3
+    grad_clip: float = 1.0
+    unroll_start: int = 2
+    unroll_every: int = 2
+    turbo_fraction: float = 0.25
+    loss_views: int = 3
+    heldout_loss: bool = True
+    ssim_weight: float = 0.2
+    flat_weight: float = 0.1
+    lift_scale: float = 1.0
+    val_every: int = 150
+    save_every: int = 50
+    time_budget_s: float | None = None
+    seed: int = 0
+    model: G3RConfig = field(default_factory=G3RConfig)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["model"] = self.model.to_json()
+        return d
+
+    @staticmethod
+    def from_json(d: dict) -> TrainConfig:
+        d = dict(d)
+        d["model"] = G3RConfig.from_json(d["model"])
+        d["cameras"] = tuple(d["cameras"])
+        return TrainConfig(**d)
+
+
+def training_log_config(seed: int, cfg: TrainConfig) -> SyntheticConfig:
+    """The synthetic log of one training seed: settings drawn from the seed."""
+    if seed in EVAL_SEEDS:
+        raise ValueError(f"seed {seed} is an evaluation seed; training must not use it")
+    rng = np.random.default_rng([seed, 7])
+    return SyntheticConfig(seed=seed, frames=cfg.frames, width=cfg.width, height=cfg.height,
+                           cameras=cfg.cameras, traffic=float(rng.uniform(0.6, 2.2)),
+                           hfov_deg=float(rng.uniform(62.0, 78.0)), shifts_m=())
+
+
+@dataclass
+class TrainingScene:
+    """One pool scene, ready for episodes.
+
+    Attributes:
+        seed: its training seed; scene: the initialised NeuralScene (decoders shared
+        with the model); h0: its initial state; graph: voxel hierarchies;
+        source: source-view targets (gradient input); heldout: held-out targets.
+    """
+
+    seed: int
+    scene: NeuralScene
+    h0: SceneState
+    graph: SceneGraph
+    source: ViewTargets
+    heldout: ViewTargets
+
+
+def build_training_scene(seed: int, cfg: TrainConfig, model: G3RModel,
+                         device: torch.device) -> TrainingScene:
+    log = generate_log(training_log_config(seed, cfg))
+    init = InitConfig(budget=cfg.budget, actor_budget=cfg.actor_budget,
+                      latent=cfg.model.channels - 14)
+    scene = initialise_scene(log, init).to(device)
+    model.share_decoders(scene)
+    return TrainingScene(seed, scene, scene.state().detach().clone(),
+                         build_scene_graph(scene, cfg.model),
+                         view_targets(source_views(log), cfg.lift_scale, device),
+                         view_targets(heldout_views(log), cfg.lift_scale, device))
+
+
+def flatness(scene: NeuralScene, state: SceneState) -> Tensor:
+    """Mean smallest scale (m) of the static and actor Gaussians."""
+    parts = [scene.static_decoder(state.static)[:, LOG_SCALE],
+             scene.actor_decoder(state.actors)[:, LOG_SCALE]]
+    s = torch.cat(parts).exp()
+    return s.min(-1).values.mean() if len(s) else s.sum()
+
+
+def step_loss(ts: TrainingScene, state: SceneState, cfg: TrainConfig, rng: random.Random,
+              backend: str) -> tuple[Tensor, dict]:
+    """Loss of ``state`` on sampled source (and held-out) views, plus PSNRs for the log."""
+    sets = [("source", ts.source)] + ([("heldout", ts.heldout)] if cfg.heldout_loss else [])
+    terms, stats = [], {}
+    for name, targets in sets:
+        idx = rng.sample(range(len(targets)), min(cfg.loss_views, len(targets)))
+        ps = []
+        for i in idx:
+            rgb = render_targets(ts.scene, targets, state, i, backend)
+            gt = targets.images[i]
+            terms.append(torch.nn.functional.mse_loss(rgb, gt)
+                         + cfg.ssim_weight * (1 - ssim(rgb, gt)))
+            ps.append(psnr(rgb.detach().clamp(0, 1), gt))
+        stats[f"psnr_{name}"] = float(np.mean(ps))
+    loss = torch.stack(terms).mean() + cfg.flat_weight * flatness(ts.scene, state)
+    return loss, stats
+
+
+def validate(model: G3RModel, scenes: list[TrainingScene], T: int, backend: str) -> float:
+    """Mean held-out PSNR after a full T-step run on each validation scene."""
+    out = []
+    with torch.no_grad():
+        for ts in scenes:
+            final = g3r_steps(model, ts.scene, ts.h0, ts.source, T, backend=backend)
+            out += [psnr(render_targets(ts.scene, ts.heldout, final, i, backend).clamp(0, 1),
+                         ts.heldout.images[i]) for i in range(len(ts.heldout))]
+    return float(np.mean(out))
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = True,
+          device: str | None = None, backend: str = "auto",
+          progress: Callable[[int, int, dict], None] | None = None) -> Path:
+    """Meta-train a G3R model; returns the path of the exported checkpoint.
+
+    Writes into ``out_dir``: ``train_log.jsonl`` (one line per iteration, plus
+    validation lines), ``train_state.pt`` (resume point), ``g3r.safetensors`` (the
+    model, with the training config and summary in its metadata).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+    model = G3RModel(cfg.model).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    state_path = out / "train_state.pt"
+    it, episode, elapsed_before, rng = 0, 0, 0.0, random.Random(cfg.seed)
+    if resume and state_path.exists():
+        saved = torch.load(state_path, map_location=dev, weights_only=False)
+        if saved["config"] != cfg.to_json():
+            raise ValueError(f"{state_path} was written with other training settings; "
+                             "start a new directory or pass the same settings")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        it, episode, elapsed_before = saved["iteration"], saved["episode"], saved["elapsed_s"]
+        rng.setstate(saved["rng"])
+        torch.set_rng_state(saved["torch_rng"])
+    seeds = train_seeds(cfg.scenes + cfg.val_scenes, cfg.seed_start)
+    pool = [build_training_scene(s, cfg, model, dev) for s in seeds[:cfg.scenes]]
+    val = [build_training_scene(s, cfg, model, dev) for s in seeds[cfg.scenes:]]
+    T_full = cfg.model.steps
+    t0 = time.perf_counter()
+    log_f = open(out / "train_log.jsonl", "a")
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t0
+
+    def save_state() -> None:
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({"config": cfg.to_json(), "model": model.state_dict(),
+                    "optimizer": opt.state_dict(), "iteration": it, "episode": episode,
+                    "elapsed_s": elapsed(), "rng": rng.getstate(),
+                    "torch_rng": torch.get_rng_state()}, tmp)
+        tmp.replace(state_path)
+
+    last_val = None
+    try:
+        while it < cfg.iterations:
+            if cfg.time_budget_s is not None and elapsed() > cfg.time_budget_s:
+                break
+            ts = pool[rng.randrange(len(pool))]
+            T = cfg.model.turbo_steps if rng.random() < cfg.turbo_fraction else T_full
+            K = min(T, cfg.unroll_start + episode // cfg.unroll_every)
+            state = ts.h0
+            for t in range(1, K + 1):
+                lifted = lift_gradient(ts.scene, state, ts.source, backend=backend)
+                new = model.update(state, normalised(lifted.as_state()), ts.graph, t, T)
+                loss, stats = step_loss(ts, new, cfg, rng, backend)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                state = new.detach()
+                it += 1
+                row = {"iter": it, "episode": episode, "seed": ts.seed, "t": t, "T": T,
+                       "K": K, "loss": float(loss.detach()), "lift_loss": lifted.loss,
+                       "grad_norm": float(gnorm), "elapsed_s": round(elapsed(), 2), **stats}
+                if it % cfg.val_every == 0 or it == cfg.iterations:
+                    last_val = validate(model, val, T_full, backend)
+                    row["val_psnr"] = last_val
+                    # Snapshots let ablations compare at equal training time.
+                    save_checkpoint(model, out / "snapshots" / f"g3r_{it:06d}.safetensors",
+                                    {"iterations": it, "train_s": round(elapsed(), 1),
+                                     "val_psnr": last_val})
+                log_f.write(json.dumps(row) + "\n")
+                log_f.flush()
+                if progress is not None:
+                    progress(it, cfg.iterations, row)
+                if it % cfg.save_every == 0:
+                    save_state()
+                if it >= cfg.iterations:
+                    break
+            episode += 1
+    finally:
+        log_f.close()
+    save_state()
+    if last_val is None:
+        last_val = validate(model, val, T_full, backend)
+    info = {"train_config": cfg.to_json(), "iterations": it, "episodes": episode,
+            "train_s": round(elapsed(), 1), "val_psnr": last_val,
+            "train_seeds": [seeds[0], seeds[cfg.scenes - 1]],
+            "val_seeds": seeds[cfg.scenes:], "device": str(dev),
+            "torch": torch.__version__}
+    path = out / "g3r.safetensors"
+    save_checkpoint(model.cpu(), path, info)
+    return path
+
+
+def with_overrides(cfg: TrainConfig, **kw) -> TrainConfig:
+    """``cfg`` with the given fields replaced (None values are ignored)."""
+    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})
