@@ -143,7 +143,7 @@ def reconstruct(
     turbo: Annotated[bool, typer.Option(help="G3R's short schedule (T = 12).")] = False,
     checkpoint: Annotated[Path | None, typer.Option(
         help="G3R model (default: the checkpoint shipped with drivesplat).")] = None,
-    iters: Annotated[int, typer.Option(help="Optimisation steps (Adam).")] = 3000,
+    iters: Annotated[int | None, typer.Option(help="Adam iterations (default 3000).")] = None,
     time_budget_s: Annotated[float | None, typer.Option(
         help="Adam: stop at the first step past this many seconds.")] = None,
     budget: Annotated[int | None, typer.Option(
@@ -170,15 +170,16 @@ def reconstruct(
     if method == "adam" and (steps is not None or turbo or checkpoint is not None):
         raise _fail("--steps, --turbo and --checkpoint are G3R options; Adam takes --iters "
                     "or --time-budget-s")
-    if method == "g3r" and (time_budget_s is not None or densify):
-        raise _fail("--time-budget-s and --densify are Adam options")
+    if method == "g3r" and (time_budget_s is not None or densify or iters is not None):
+        raise _fail("--iters, --time-budget-s and --densify are Adam options; G3R takes "
+                    "--steps or --turbo")
     try:
         log = load_log(log_path, frames=_frames_arg(frames),
                        cameras=cameras.split(",") if cameras else None)
     except (LogFormatError, ValueError) as e:
         raise _fail(str(e)) from e
-    adam = AdamConfig(iters=iters, time_budget_s=time_budget_s, densify=densify,
-                      backend=backend)
+    adam = AdamConfig(iters=iters or AdamConfig.iters, time_budget_s=time_budget_s,
+                      densify=densify, backend=backend)
     with progress_bar() as bar:
         task = bar.add_task("initialising", total=None)
 

@@ -96,6 +96,14 @@ class TrainConfig:
         d["model"] = self.model.to_json()
         return d
 
+    #: Fields that only say how long to run: a resumed run may change them.
+    RUN_LENGTH = ("iterations", "time_budget_s", "val_every", "save_every")
+
+    def same_training(self, saved: dict) -> bool:
+        """Whether a saved config (JSON) trains the same thing as this one."""
+        mine = self.to_json()
+        return all(mine[k] == saved.get(k) for k in mine if k not in self.RUN_LENGTH)
+
     @staticmethod
     def from_json(d: dict) -> TrainConfig:
         d = dict(d)
@@ -202,9 +210,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = True,
     it, episode, elapsed_before, rng = 0, 0, 0.0, random.Random(cfg.seed)
     if resume and state_path.exists():
         saved = torch.load(state_path, map_location=dev, weights_only=False)
-        if saved["config"] != cfg.to_json():
+        if not cfg.same_training(saved["config"]):
             raise ValueError(f"{state_path} was written with other training settings; "
-                             "start a new directory or pass the same settings")
+                             "start a new directory or pass the same settings (only "
+                             f"{', '.join(cfg.RUN_LENGTH)} may change)")
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         it, episode, elapsed_before = saved["iteration"], saved["episode"], saved["elapsed_s"]

@@ -1,0 +1,184 @@
+"""G3R: gradient lifting, one learned step, checkpoints, the pipeline and training resume."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from recon.g3r.checkpoint import (
+    DEFAULT_CHECKPOINT,
+    CheckpointError,
+    file_sha256,
+    load_checkpoint,
+    save_checkpoint,
+)
+from recon.g3r.lift import lift_gradient, normalise_gradient, view_targets
+from recon.g3r.model import G3RConfig, G3RModel, build_scene_graph, gamma
+from recon.g3r.optimize import g3r_steps, normalised
+from recon.g3r.train import TrainConfig, train, training_log_config
+from recon.init import InitConfig, initialise_scene
+from recon.views import source_views
+from scenes.synthetic import SyntheticConfig, generate_log
+from service.cli import app
+
+TINY_INIT = InitConfig(budget=3000, actor_budget=150, sky_rows=6, sky_cols=16)
+TINY_MODEL = G3RConfig(widths=(8, 12), levels=2, point_hidden=16, sky_hidden=8, steps=4,
+                       turbo_steps=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Small tensors: one thread is faster and keeps the results bit-reproducible.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def log():
+    return generate_log(SyntheticConfig(seed=3, frames=4, width=64, height=40, traffic=2.5))
+
+
+@pytest.fixture(scope="module")
+def scene(log):
+    return initialise_scene(log, TINY_INIT)
+
+
+def test_lifted_gradient_matches_backward_on_the_summed_loss(log, scene):
+    targets = view_targets(source_views(log)[:2])
+    lifted = lift_gradient(scene, scene.state(), targets, backend="torch")
+    # Reference: one backward through the sum of the per-view MSEs.
+    from recon.g3r.lift import render_targets
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in
+              (scene.static_state, scene.actor_state, scene.sky_state)]
+    from recon.neural import SceneState
+
+    st = SceneState(*leaves)
+    loss = sum(torch.nn.functional.mse_loss(render_targets(scene, targets, st, i, "torch"),
+                                            targets.images[i]) for i in range(2))
+    loss.backward()
+    assert lifted.loss == pytest.approx(float(loss.detach()), rel=1e-5)
+    for got, ref in zip((lifted.static, lifted.actors, lifted.sky), leaves, strict=True):
+        assert torch.allclose(got, ref.grad, atol=1e-7, rtol=1e-4)
+    assert lifted.static.abs().sum() > 0 and lifted.sky.abs().sum() > 0
+    assert scene.static_state.grad is None  # the scene's parameters are untouched
+
+
+def test_gradient_normalisation_is_scale_free():
+    g = torch.randn(500, 6) * torch.tensor([1e-9, 1e-3, 1.0, 1e3, 0.0, 5.0])
+    a, b = normalise_gradient(g), normalise_gradient(g * 1234.5)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert (a[:, 4] == 0).all()  # a channel without gradient stays zero
+    assert a[:, :4].abs().mean(0).min() > 0.3  # every other channel on one scale
+
+
+def test_gamma_schedule_decreases_and_constant_ablation():
+    T = 24
+    gs = [gamma(t, T, 0.1) for t in range(1, T + 1)]
+    assert gs[0] == pytest.approx(1.0) and gs[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(gs, gs[1:], strict=False))
+    assert gamma(1, T, 0.1, constant=True) == gamma(T, T, 0.1, constant=True) == 0.55
+
+
+def test_one_g3r_step_is_deterministic_and_reduces_source_loss(log, scene):
+    torch.manual_seed(0)
+    model = G3RModel(replace(TINY_MODEL, channels=scene.channels))
+    model.install_decoders(scene)
+    targets = view_targets(source_views(log))
+    h0 = scene.state().detach().clone()
+
+    def one_step():
+        return g3r_steps(model, scene, h0, targets, T=4, backend="torch",
+                         on_step=lambda t, s, loss: True)  # stop after step 1
+
+    a, b = one_step(), one_step()
+    for x, y in zip((a.static, a.actors, a.sky), (b.static, b.actors, b.sky), strict=True):
+        assert torch.equal(x, y)
+    before = lift_gradient(scene, h0, targets, backend="torch").loss
+    after = lift_gradient(scene, a, targets, backend="torch").loss
+    assert after < 0.9 * before
+
+
+def test_fresh_network_update_is_the_explicit_step_rule(log, scene):
+    model = G3RModel(replace(TINY_MODEL, channels=scene.channels))
+    graph = build_scene_graph(scene, model.config)
+    h = scene.state().detach()
+    grad = normalised(lift_gradient(scene, h, view_targets(source_views(log)[:1]),
+                                    backend="torch").as_state())
+    with torch.no_grad():
+        new = model.update(h, grad, graph, 1, 4)
+    step = model.static_rule.log_step.exp() * torch.tanh(-model.static_rule.gain * grad.static)
+    assert torch.allclose(new.static - h.static, step, atol=1e-6)
+
+
+def test_checkpoint_round_trip_and_bad_files(tmp_path):
+    model = G3RModel(TINY_MODEL)
+    path = tmp_path / "m.safetensors"
+    sha = save_checkpoint(model, path, {"note": "test"})
+    ck = load_checkpoint(path)
+    assert ck.sha256 == sha == file_sha256(path) and ck.info == {"note": "test"}
+    assert ck.model.config == TINY_MODEL
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ck.model.state_dict()[k])
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.safetensors"):
+        load_checkpoint(tmp_path / "junk.safetensors")
+
+
+def test_shipped_checkpoint_reconstructs_and_its_hash_lands_in_the_manifest(tmp_path):
+    assert DEFAULT_CHECKPOINT.is_file(), "the trained checkpoint must ship with the package"
+    ck = load_checkpoint()
+    assert ck.info.get("train_s", 0) > 0 and "train_config" in ck.info
+    runner = CliRunner()
+    log_dir, scene_dir = tmp_path / "log", tmp_path / "scene"
+    assert runner.invoke(app, ["synth", str(log_dir), "--frames", "4", "--width", "48",
+                               "--height", "32", "--seed", "5"]).exit_code == 0
+    res = runner.invoke(app, ["reconstruct", str(log_dir), "--out", str(scene_dir),
+                              "--turbo", "--budget", "2000", "--backend", "torch"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((scene_dir / "manifest.json").read_text())
+    assert manifest["method"] == "g3r"
+    assert manifest["checkpoint_hash"] == file_sha256(DEFAULT_CHECKPOINT)
+    assert manifest["metrics"]["iterations"] == ck.model.config.turbo_steps
+    res = runner.invoke(app, ["reconstruct", str(log_dir), "--out", str(scene_dir),
+                              "--checkpoint", str(tmp_path / "nope.safetensors")])
+    assert res.exit_code == 2 and "nope.safetensors" in res.output
+    res = runner.invoke(app, ["reconstruct", str(log_dir), "--out", str(scene_dir),
+                              "--iters", "5"])
+    assert res.exit_code == 2 and "Adam options" in res.output
+
+
+def _tiny_training(iterations: int) -> TrainConfig:
+    return replace(TrainConfig(), scenes=2, val_scenes=1, frames=4, width=48, height=32,
+                   cameras=("front_camera",), budget=1500, actor_budget=80,
+                   iterations=iterations, val_every=1000, save_every=1, loss_views=1,
+                   model=replace(TINY_MODEL, channels=46))
+
+
+def test_training_resumes_where_it_stopped(tmp_path):
+    straight = train(_tiny_training(3), tmp_path / "a", backend="torch")
+    train(_tiny_training(2), tmp_path / "b", backend="torch")
+    state = torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)
+    assert state["iteration"] == 2
+    resumed = train(_tiny_training(3), tmp_path / "b", backend="torch")  # 1 more
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    for k, v in a.model.state_dict().items():
+        assert torch.allclose(v, b.model.state_dict()[k], atol=1e-6), k
+    rows = [json.loads(x) for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if "iter" in r] == [1, 2, 3]
+    assert b.info["iterations"] == 3
+    with pytest.raises(ValueError, match="other training settings"):
+        train(replace(_tiny_training(4), lr=0.5), tmp_path / "b", backend="torch")
+
+
+def test_training_refuses_eval_seeds():
+    with pytest.raises(ValueError, match="evaluation seed"):
+        training_log_config(5, TrainConfig())
