@@ -27,15 +27,16 @@ class G3RRunConfig:
 
     Attributes:
         steps: T (None: the model's default, 24); turbo: the model's short schedule (12).
-        lift_scale: resolution of the gradient-lifting renders relative to the images
-            (the gradient is a sum over views; half resolution keeps its direction and
-            costs about a quarter).
+        lift_width: gradient-lifting renders are at most this wide (aspect kept): the
+            resolution the model was trained at; larger images are area-downsampled
+            (the gradient is a sum over views, and halving the resolution keeps its
+            direction at about a quarter of the cost).
         backend: renderer.
     """
 
     steps: int | None = None
     turbo: bool = False
-    lift_scale: float = 0.5
+    lift_width: int = 160
     backend: str = "auto"
 
     def resolve_steps(self, model: G3RModel) -> int:
@@ -99,7 +100,11 @@ def optimise_g3r(scene: NeuralScene, log: LogSegment, model: G3RModel,
     model = model.to(device)
     model.install_decoders(scene)
     t0 = time.perf_counter()
-    targets = view_targets(source_views(log), cfg.lift_scale, device)
+    views = source_views(log)
+    if not views:
+        raise ValueError(f"log {log.name!r} has no source views (even frames with images)")
+    scale = min(1.0, cfg.lift_width / max(v.width for v in views))
+    targets = view_targets(views, scale, device)
     result = G3RResult(0, 0.0)
     excluded = 0.0
 
