@@ -68,6 +68,7 @@ def save_checkpoint(model: G3RModel, path: str | Path, info: dict | None = None)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a shipped model is readable
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -220,8 +220,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = True,
         rng.setstate(saved["rng"])
         torch.set_rng_state(saved["torch_rng"])
     seeds = train_seeds(cfg.scenes + cfg.val_scenes, cfg.seed_start)
-    pool = [build_training_scene(s, cfg, model, dev) for s in seeds[:cfg.scenes]]
     val = [build_training_scene(s, cfg, model, dev) for s in seeds[cfg.scenes:]]
+    # A resumed run that is already long enough only validates and exports.
+    done = it >= cfg.iterations or (cfg.time_budget_s is not None
+                                    and elapsed_before >= cfg.time_budget_s)
+    pool = [] if done else [build_training_scene(s, cfg, model, dev)
+                            for s in seeds[:cfg.scenes]]
     T_full = cfg.model.steps
     t0 = time.perf_counter()
     log_f = open(out / "train_log.jsonl", "a")
@@ -239,7 +243,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = True,
 
     last_val = None
     try:
-        while it < cfg.iterations:
+        while pool and it < cfg.iterations:
             if cfg.time_budget_s is not None and elapsed() > cfg.time_budget_s:
                 break
             ts = pool[rng.randrange(len(pool))]
@@ -278,7 +282,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = True,
     finally:
         log_f.close()
     save_state()
-    if last_val is None:
+    if last_val is None and pool:
         last_val = validate(model, val, T_full, backend)
     info = {"train_config": cfg.to_json(), "iterations": it, "episodes": episode,
             "train_s": round(elapsed(), 1), "val_psnr": last_val,
