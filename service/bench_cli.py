@@ -154,16 +154,21 @@ def bench_recon_cmd(
     budget: Annotated[int | None, typer.Option(help="Static Gaussians per scene.")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     backend: str = "auto",
+    only: Annotated[str | None, typer.Option(
+        help="Comma-separated indices of the evaluation logs to run (split a run).")] = None,
+    merge: Annotated[list[str] | None, typer.Option(
+        help="Print the table of these JSON reports joined (runs nothing).")] = None,
     out: Annotated[str | None, typer.Option(help="Also write the JSON report here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """G3R (T=24, turbo, ablations) vs Adam (G3R's time, fixed counts, convergence) on
     evaluation logs training never saw; prints the table and the speedup."""
     from dataclasses import replace
+    from pathlib import Path
 
     import torch
 
-    from recon.g3r.bench import BenchConfig, bench_recon
+    from recon.g3r.bench import BenchConfig, bench_recon, merge_reports
     from recon.g3r.bench import quick as quick_config
 
     if threads:
@@ -179,11 +184,14 @@ def bench_recon_cmd(
         cfg = quick_config(cfg)
     cfg = replace(cfg, **{k: v for k, v in {"logs": logs, "adam_iters": adam_iters,
                                             "budget": budget}.items() if v is not None})
+    if only:
+        cfg = replace(cfg, only=tuple(int(i) for i in only.split(",")))
     console = Console(stderr=True)
-    report = bench_recon(cfg, checkpoint, say=console.print)
+    if merge:
+        report = merge_reports([json.loads(Path(p).read_text()) for p in merge])
+    else:
+        report = bench_recon(cfg, checkpoint, say=console.print)
     if out:
-        from pathlib import Path
-
         Path(out).write_text(json.dumps(report, indent=2))
     if as_json:
         print(json.dumps(report))

@@ -55,7 +55,9 @@ class BenchConfig:
     """Settings of ``drivesplat bench recon``.
 
     Attributes:
-        logs: how many of ``EVAL_LOGS`` to run; budget: static Gaussians per scene.
+        logs: how many of ``EVAL_LOGS`` to run; only: run these indices of it instead
+            (to split a run over processes; :func:`merge_reports` joins them);
+        budget: static Gaussians per scene.
         adam_iters: Adam's longest run (its convergence reference); adam_eval_every:
             held-out PSNR curve spacing; adam_counts: iteration counts reported as rows
             (each its own run with its own learning-rate schedule), besides the run at
@@ -65,6 +67,7 @@ class BenchConfig:
     """
 
     logs: int = 5
+    only: tuple[int, ...] | None = None
     budget: int = 12_000
     actor_budget: int = 600
     adam_iters: int = 2000
@@ -178,26 +181,39 @@ def bench_recon(cfg: BenchConfig, checkpoint: str | None = None,
     """Run every method on ``cfg.logs`` evaluation logs; returns rows and summaries."""
     ckpt = load_checkpoint(checkpoint)
     ablations = {n: load_checkpoint(p) for n, p in cfg.ablations}
-    logs = [bench_log(n, c, ckpt, ablations, cfg, say) for n, c in EVAL_LOGS[:cfg.logs]]
-    methods = [r["method"] for r in logs[0]["rows"]]
-    summary = []
-    for m in methods:
-        rs = [r for lg in logs for r in lg["rows"] if r["method"] == m]
-        if len(rs) != len(logs):
-            continue  # e.g. an equal-time Adam count that differs per log
-        shifts = {k: _mean([r["psnr_shift"].get(k) for r in rs]) for k in ("1", "2", "3")}
-        summary.append({"method": m, "psnr": _mean([r["psnr"] for r in rs]),
-                        "ssim": _mean([r["ssim"] for r in rs]), "psnr_shift": shifts,
-                        "wall_s": _mean([r["wall_s"] for r in rs])})
-    speedups = [lg["speedup"] for lg in logs]
+    chosen = cfg.only if cfg.only is not None else range(min(cfg.logs, len(EVAL_LOGS)))
+    logs = [bench_log(*EVAL_LOGS[i], ckpt, ablations, cfg, say) for i in chosen]
     return {"config": {**cfg.__dict__, "ablations": dict(cfg.ablations)},
             "checkpoint": {"path": str(ckpt.path), "sha256": ckpt.sha256,
                            "info": {k: ckpt.info.get(k) for k in
                                     ("iterations", "train_s", "val_psnr")}},
             "machine": {"cpu_threads": torch.get_num_threads(),
                         "device": "cuda" if torch.cuda.is_available() else "cpu"},
-            "logs": logs, "summary": summary, "speedups": speedups,
+            "logs": logs, **summarise(logs)}
+
+
+def summarise(logs: list[dict]) -> dict:
+    """Means per method over the logs (methods every log has) and the speedups."""
+    methods = [r["method"] for r in logs[0]["rows"]] if logs else []
+    summary = []
+    for m in methods:
+        rs = [r for lg in logs for r in lg["rows"] if r["method"] == m]
+        if len(rs) != len(logs):
+            continue
+        shifts = {k: _mean([r["psnr_shift"].get(k) for r in rs]) for k in ("1", "2", "3")}
+        summary.append({"method": m, "psnr": _mean([r["psnr"] for r in rs]),
+                        "ssim": _mean([r["ssim"] for r in rs]), "psnr_shift": shifts,
+                        "wall_s": _mean([r["wall_s"] for r in rs])})
+    return {"summary": summary, "speedups": [lg["speedup"] for lg in logs],
             "speedup_note": "None: Adam never reached G3R's held-out PSNR within its run"}
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from runs over different logs (same checkpoint and settings)."""
+    if len({r["checkpoint"]["sha256"] for r in reports}) > 1:
+        raise ValueError("reports come from different checkpoints")
+    logs = [lg for r in reports for lg in r["logs"]]
+    return {**reports[0], "logs": logs, **summarise(logs)}
 
 
 def _mean(xs: list) -> float | None:
