@@ -61,6 +61,8 @@ log = logging.getLogger("drivesplat.api")
 
 #: Largest body of any request but an upload.
 MAX_JSON_BYTES = 4 * 2**20
+#: A rejected body is read and dropped up to this size so that the client gets the 413.
+_DRAIN_CAP = 64 * 2**20
 _FORM_FIELDS = ("file", "method", "steps", "turbo", "name", "budget", "actors", "format",
                 "frames", "cameras")
 
@@ -103,20 +105,36 @@ class BodyLimit:
         limit = self.upload_limit if scope["path"] == "/reconstruct" else MAX_JSON_BYTES
         started = False
 
-        async def reply_413() -> None:
+        async def reply_413(close: bool) -> None:
             body = json.dumps({"detail": f"request body is larger than the limit of "
                                          f"{limit / 2**20:.1f} MiB"}).encode()
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()),
-                                    (b"connection", b"close")]})
+            headers = [(b"content-type", b"application/json"),
+                       (b"content-length", str(len(body)).encode())]
+            if close:
+                headers.append((b"connection", b"close"))
+            await send({"type": "http.response.start", "status": 413, "headers": headers})
             await send({"type": "http.response.body", "body": body})
+
+        async def drain() -> None:
+            # Read (and drop) what the client is still sending, up to a cap, so it sees
+            # the 413 instead of a reset connection.
+            got = 0
+            while got < _DRAIN_CAP:
+                msg = await receive()
+                if msg["type"] != "http.request":
+                    return
+                got += len(msg.get("body", b""))
+                if not msg.get("more_body"):
+                    return
 
         for k, v in scope.get("headers", []):
             if k == b"content-length":
                 try:
                     if int(v) > limit:
-                        return await reply_413()
+                        if int(v) <= _DRAIN_CAP:
+                            await drain()
+                        await reply_413(close=int(v) > _DRAIN_CAP)
+                        return
                 except ValueError:
                     pass
         seen = 0
@@ -140,7 +158,8 @@ class BodyLimit:
             await self.app(scope, counted_receive, tracked_send)
         except _BodyTooLarge:
             if not started:
-                await reply_413()
+                await drain()
+                await reply_413(close=True)
 
 
 class Service:
