@@ -301,10 +301,11 @@ class Store:
                      error=None, started_at=func.coalesce(JobRow.started_at, now)))
         return token if res.rowcount == 1 else None
 
-    def _fenced(self, job_id: str, token: str, **values: Any) -> bool:
+    def _fenced(self, job_id: str, fence: str, **values: Any) -> bool:
+        """UPDATE a running job only while ``fence`` (the claim token) still holds it."""
         values.setdefault("updated_at", time.time())
         with self._tx() as c:
-            res = c.execute(update(JobRow).where(JobRow.id == job_id, JobRow.token == token,
+            res = c.execute(update(JobRow).where(JobRow.id == job_id, JobRow.token == fence,
                                                  JobRow.state == "running").values(**values))
         return res.rowcount == 1
 

@@ -50,6 +50,7 @@ class JobContext:
         store = Store(s.db_url)
         if init_db:
             store.init()
+        cleanup_work_dirs(s.home_dir)
         return JobContext(s, store, open_storage(s.storage, s.home_dir / "cache"))
 
     def limits(self):
@@ -57,6 +58,30 @@ class JobContext:
 
         return ArchiveLimits(int(self.settings.max_extract_mb * 2**20),
                              self.settings.max_archive_members)
+
+
+def cleanup_work_dirs(home: Path) -> int:
+    """Remove work directories left by dead worker processes of this machine.
+
+    Work directories are named ``<job>-<token>-<pid>``; one whose process is gone is
+    garbage (the job itself was re-queued through its expired lease).
+    """
+    removed = 0
+    for d in (home / "work").glob("*-*-*"):
+        try:
+            pid = int(d.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # alive (or not ours to judge)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed += 1
+    return removed
 
 
 def worker_name() -> str:
@@ -134,7 +159,7 @@ def run_job(job_id: str, ctx: JobContext | None = None) -> str | None:
     req = job.request
     log.info("job %s: started (attempt %d, worker %s)", job_id, job.attempts, worker_name())
     lease = _Lease(store, job_id, token, s.lease_s)
-    work = s.home_dir / "work" / f"{job_id}-{token[:8]}"
+    work = s.home_dir / "work" / f"{job_id}-{token[:8]}-{os.getpid()}"
     t0 = time.perf_counter()
     last_progress = [0.0]
 
