@@ -129,7 +129,7 @@ def _zip_entries(zf: zipfile.ZipFile, limits: ArchiveLimits) -> Iterator[tuple[_
         mode = i.external_attr >> 16
         if stat.S_ISLNK(mode):
             raise ArchiveError(f"entry {i.filename!r} is a symbolic link; links are not allowed")
-        if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: no type recorded
             raise ArchiveError(f"entry {i.filename!r} is not a regular file or directory")
         yield _Entry(i.filename, rel, i.is_dir(), i.file_size), i
 

@@ -64,7 +64,8 @@ def histogram_lines(name: str, help: str, buckets: Sequence[float],
         acc = 0
         for le, n in zip([*buckets, math.inf], counts, strict=True):
             acc += n
-            out.append(f"{name}_bucket{_labels({**labels, 'le': _fmt(le)})} {acc}")
+            le_s = "+Inf" if math.isinf(le) else repr(float(le))  # as the official clients
+            out.append(f"{name}_bucket{_labels({**labels, 'le': le_s})} {acc}")
         out.append(f"{name}_sum{_labels(labels)} {_fmt(total)}")
         out.append(f"{name}_count{_labels(labels)} {acc}")
     return out
