@@ -82,6 +82,13 @@ def run_worker(settings: Settings | None = None, loglevel: str = "INFO") -> None
     ctx = worker_context(settings)
     executor = CeleryExecutor(ctx)
     executor.reaper.start()
+
+    from celery.signals import worker_shutting_down
+
+    @worker_shutting_down.connect(weak=False)
+    def _stop_job(**_kw) -> None:  # SIGTERM: the job stops at its next step, re-queued
+        ctx.shutdown.set()
+
     log.info("worker %s:%d on queue %r, broker %s, database %s", socket.gethostname(),
              os.getpid(), settings.queue, settings.redis_url, settings.db_url.split("@")[-1])
     executor.app.worker_main([
