@@ -14,6 +14,7 @@ import logging
 import re
 import shutil
 import tempfile
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -174,7 +175,8 @@ class Service:
         self.render_latency = Histogram("drivesplat_render_seconds",
                                         "Render request latency (scene load included).",
                                         RENDER_BUCKETS)
-        self.renders: dict[tuple, int] = {}
+        self.renders: dict[int, int] = {}
+        self.lock = threading.Lock()
         self.render_limiter: anyio.CapacityLimiter | None = None
         self.closing = False
         self.started = time.time()
@@ -321,7 +323,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            JOB_BUCKETS, bucketed(svc.store.durations(), JOB_BUCKETS, "state"))
             lines += svc.render_latency.expose()
             lines += counter_lines("drivesplat_renders", "Render requests by HTTP status.",
-                                   {(("status", str(k)),): v for k, v in svc.renders.items()})
+                                   {(("status", str(k)),): v
+                                    for k, v in dict(svc.renders).items()})
             lines += gauge_lines("drivesplat_scene_cache_bytes",
                                  "Bytes of loaded scenes held for rendering.",
                                  {(): svc.cache.bytes})
@@ -510,6 +513,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(409, f"job {job_id} already {job.state}; nothing to cancel")
         job = svc.store.cancel(job_id)
         assert job is not None
+        if job.state == "cancelled" and job.request["source"].get("kind") == "upload":
+            svc.storage.delete_upload(job_id)
         if job.state == "running":
             response.status_code = 202
         log.info("job %s: cancel requested (%s)", job_id, job.state)
@@ -642,7 +647,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             status = 500
             raise
         finally:
-            svc.renders[status] = svc.renders.get(status, 0) + 1
+            with svc.lock:
+                svc.renders[status] = svc.renders.get(status, 0) + 1
             if status == 200:
                 svc.render_latency.observe(time.perf_counter() - t0)
 

@@ -237,3 +237,16 @@ def run_job(job_id: str, ctx: JobContext | None = None) -> str | None:
     finally:
         lease.stop()
         shutil.rmtree(work, ignore_errors=True)
+        _drop_upload_if_finished(ctx, job_id, req)
+
+
+def _drop_upload_if_finished(ctx: JobContext, job_id: str, req: dict) -> None:
+    """An uploaded archive is kept while its job may still run, and deleted after."""
+    if req.get("source", {}).get("kind") != "upload":
+        return
+    try:
+        job = ctx.store.get_job(job_id)
+        if job is not None and job.state in ("succeeded", "failed", "cancelled"):
+            ctx.storage.delete_upload(job_id)
+    except Exception as e:  # never fail a job over clean-up
+        log.warning("job %s: could not delete its upload: %s", job_id, e)

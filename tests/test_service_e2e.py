@@ -215,6 +215,7 @@ def test_upload_archive_and_reconstruct(client, tmp_path, home):
     manifest = client.json("GET", f"/scenes/{job['scene_id']}")
     assert manifest["source"]["format"] == "pandaset" and len(manifest["frames"]) == 3
     check_png(client.render(job["scene_id"], frame=2), (96, 64))
+    assert not (home / "uploads" / job["id"]).exists()  # the archive goes once the job ends
     # Deleting a scene removes its record and files.
     client.request("DELETE", f"/scenes/{job['scene_id']}")
     assert not (home / "scenes" / job["scene_id"]).exists()
