@@ -54,21 +54,27 @@ def service_demo(
                                                  "if it answers, else start one).")] = None,
     out: Annotated[Path, typer.Option(help="Where renders and the PLY go.")] = Path(
         "data/service-demo"),
-    frames: Annotated[int, typer.Option(help="Frames of the synthetic log.")] = 10,
+    frames: Annotated[int, typer.Option(help="Frames of the synthetic log.")] = 6,
     width: Annotated[int, typer.Option(help="Image width.")] = 160,
     height: Annotated[int, typer.Option(help="Image height.")] = 90,
-    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 150,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 60,
+    budget: Annotated[int, typer.Option(help="Static Gaussians at most.")] = 20_000,
     method: Annotated[str | None, typer.Option(help="adam | g3r (default: server's).")] = None,
     token: Annotated[str | None, typer.Option(envvar="DRIVESPLAT_API_TOKEN",
                                               help="Bearer token.")] = None,
 ) -> None:
     """Synthesise a log, upload it to the API, follow the job, save renders and the PLY."""
+    import signal
+    import sys
+
     from scenes.pandaset import write_pandaset
     from scenes.synthetic import SyntheticConfig, generate_log, render_all
     from service.client import Client
     from service.launch import LocalServer
     from service.progress import progress_bar
 
+    # SIGTERM ends the demo through the finally below, which stops the server it started.
+    signal.signal(signal.SIGTERM, lambda *_a: sys.exit(143))
     out.mkdir(parents=True, exist_ok=True)
     server = None
     client = Client(url or "http://127.0.0.1:8000", token=token)
@@ -91,8 +97,10 @@ def service_demo(
             archive = Path(tmp) / f"{log.name}.tar.gz"
             with tarfile.open(archive, "w:gz") as tf:
                 tf.add(seq, arcname=log.name)
-            job = client.upload(archive, method=method, steps=steps, name="service-demo")
-        err.print(f"job {job['id']} queued ({archive.stat().st_size / 2**20:.1f} MiB upload)")
+            job = client.upload(archive, method=method, steps=steps, budget=budget,
+                                name="service-demo")
+            size_mb = archive.stat().st_size / 2**20
+        err.print(f"job {job['id']} queued ({size_mb:.1f} MiB upload)")
         with progress_bar() as bar:
             task = bar.add_task("queued", total=None)
 
