@@ -214,3 +214,35 @@ def bench_recon_cmd(
         Console().print(f"{lg['log']} ({lg['setting']}): speedup "
                         f"{'-' if sp is None else f'{sp:.1f}x'} (Adam reaches G3R's PSNR "
                         f"after {f(lg['adam_time_to_g3r_psnr_s'], '.1f')} s)")
+
+
+@bench_app.command("service")
+def bench_service_cmd(
+    concurrency: Annotated[int, typer.Option(help="Render requests sent at once.")] = 50,
+    rounds: Annotated[int, typer.Option(help="Times the burst is repeated.")] = 3,
+    frames: int = 4,
+    width: int = 320,
+    height: int = 180,
+    budget: Annotated[int, typer.Option(help="Static Gaussians of the scene.")] = 20_000,
+    steps: Annotated[int, typer.Option(help="Adam steps for the scene.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """HTTP render latency under load: p50/p99 of CONCURRENCY concurrent renders."""
+    from service.bench_service import bench_service
+
+    console = Console(stderr=True)
+    res = bench_service(concurrency=concurrency, rounds=rounds, frames=frames, width=width,
+                        height=height, budget=budget, steps=steps, progress=console.print)
+    if as_json:
+        print(json.dumps(res))
+        return
+    table = Table(title=f"render API: {res['requests']} requests, {concurrency} at a time, "
+                        f"{width}x{height}, {res['scene']['gaussians']}")
+    for col in ("ok", "failed", "p50 ms", "p90 ms", "p99 ms", "max ms", "req/s",
+                "single ms"):
+        table.add_column(col, justify="right")
+    ms = lambda v: "-" if v is None else f"{v * 1e3:.0f}"  # noqa: E731
+    table.add_row(str(res["succeeded"]), str(res["failed"]), ms(res["p50_s"]),
+                  ms(res["p90_s"]), ms(res["p99_s"]), ms(res["max_s"]),
+                  str(res["throughput_rps"]), ms(res["single_median_s"]))
+    Console().print(table)

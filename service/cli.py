@@ -13,6 +13,7 @@ from rich.console import Console
 
 from service.bench_cli import bench_app
 from service.progress import progress_bar
+from service.serve_cli import register as register_service_commands
 
 app = typer.Typer(
     name="drivesplat",
@@ -21,6 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(bench_app, name="bench")
+register_service_commands(app)  # serve, worker, service-demo
 
 err = Console(stderr=True)
 
@@ -217,27 +219,20 @@ def render(
     backend: Annotated[str, typer.Option(help="Renderer: auto | torch | gsplat.")] = "auto",
 ) -> None:
     """Render a recorded (or lane-shifted) view of a reconstructed scene."""
-    import numpy as np
-    import torch
     from PIL import Image
 
     from recon.assets import SceneFormatError, load_scene
     from recon.neural import ActorEdit
-    from recon.views import View, render_view
+    from service.rendering import recorded_view, render_rgb
 
     try:
         loaded = load_scene(scene_dir)
-        cam = camera or next(iter(loaded.cameras))
-        _, _, W, H, t = loaded.view(frame, cam, shift_m)
-        view = View(frame, cam, loaded.cam_to_world(frame, cam, shift_m),
-                    loaded.cameras[cam].K, W, H, t, shift_m)
+        view = recorded_view(loaded, frame, camera, shift_m)
         edits = {a: ActorEdit(hide=True) for a in hide_actor or []}
-        with torch.no_grad():
-            res = render_view(loaded.scene, view, edits=edits, backend=backend, width=width,
-                              height=height)
+        img = render_rgb(loaded.scene, view, edits=edits, backend=backend, width=width,
+                         height=height)
     except (SceneFormatError, ValueError, KeyError) as e:
         raise _fail(str(e).strip('"')) from e
-    img = (res.rgb[0].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
     Image.fromarray(img).save(out)
     err.print(f"wrote {out} ({img.shape[1]}x{img.shape[0]})")
 

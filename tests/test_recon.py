@@ -177,7 +177,8 @@ def test_cli_reconstruct_render_eval(tmp_path):
     assert runner.invoke(app, ["synth", str(log_dir), "--frames", "4", "--width", "48",
                                "--height", "32", "--seed", "4"]).exit_code == 0
     res = runner.invoke(app, ["reconstruct", str(log_dir), "--out", str(scene_dir),
-                              "--method", "adam", "--iters", "3", "--budget", "2000", "--backend", "torch"])
+                              "--method", "adam", "--iters", "3", "--budget", "2000",
+                              "--backend", "torch"])
     assert res.exit_code == 0, res.output
     assert (scene_dir / "manifest.json").is_file() and (scene_dir / "static.ply").is_file()
     manifest = json.loads((scene_dir / "manifest.json").read_text())
