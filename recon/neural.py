@@ -316,11 +316,14 @@ class NeuralScene(nn.Module):
         return torch.from_numpy(poses).float(), torch.from_numpy(visible)
 
     def splats(self, t: float, edits: dict[str, ActorEdit] | None = None,
-               include_sky: bool = True, state: SceneState | None = None
+               include_sky: bool = True,
+               decoded: tuple[Splats, Splats, Splats] | None = None
                ) -> tuple[Splats, SceneParts]:
         """All parts composed in the world frame at time t (actors moved by their tracks).
 
-        ``state`` renders other states than the scene's parameters (G3R's unrolled h).
+        ``decoded``: the parts from :meth:`decode_parts` (of another state, e.g. G3R's
+        unrolled h), so views rendered from one state decode it once (default: decode
+        the scene's own parameters).
 
         Returns:
             splats [N, ...] and where each part sits in them.
@@ -329,7 +332,7 @@ class NeuralScene(nn.Module):
         if unknown:
             raise KeyError(f"no actor(s) {sorted(unknown)} in this scene; actors: "
                            f"{self.actor_ids}")
-        static, actors, sky = self.decode_parts(state)
+        static, actors, sky = decoded if decoded is not None else self.decode_parts()
         out = [static]
         parts = SceneParts(static=slice(0, len(static)))
         n = len(static)

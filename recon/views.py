@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from recon.neural import ActorEdit, NeuralScene, SceneState
+from recon.neural import ActorEdit, NeuralScene, Splats
 from recon.render import RenderOutput, rasterize
 from scenes.geometry import invert_pose
 from scenes.log import LogSegment
@@ -92,10 +92,11 @@ def shifted_views(log: LogSegment) -> list[View]:
 
 def render_view(scene: NeuralScene, view: View, *, edits: dict[str, ActorEdit] | None = None,
                 backend: str = "auto", width: int | None = None,
-                height: int | None = None, state: SceneState | None = None) -> RenderOutput:
+                height: int | None = None,
+                decoded: tuple[Splats, Splats, Splats] | None = None) -> RenderOutput:
     """Render the scene into one view (optionally resized: intrinsics scale with it).
 
-    ``state`` renders other states than the scene's own parameters (see
+    ``decoded`` renders parts decoded from another state (see
     :meth:`NeuralScene.splats`).
 
     Returns the rasterizer output for C = 1.
@@ -105,7 +106,7 @@ def render_view(scene: NeuralScene, view: View, *, edits: dict[str, ActorEdit] |
     K = view.K.copy()
     K[0] *= W / view.width
     K[1] *= H / view.height
-    splats, _ = scene.splats(view.timestamp, edits, state=state)
+    splats, _ = scene.splats(view.timestamp, edits, decoded=decoded)
     viewmat = torch.from_numpy(invert_pose(view.cam_to_world)).float().to(device)[None]
     Ks = torch.from_numpy(K).float().to(device)[None]
     return rasterize(splats.means, splats.quats, splats.scales, splats.opacities,

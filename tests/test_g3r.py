@@ -60,8 +60,9 @@ def test_lifted_gradient_matches_backward_on_the_summed_loss(log, scene):
     from recon.neural import SceneState
 
     st = SceneState(*leaves)
-    loss = sum(torch.nn.functional.mse_loss(render_targets(scene, targets, st, i, "torch"),
-                                            targets.images[i]) for i in range(2))
+    loss = sum(torch.nn.functional.mse_loss(
+        render_targets(scene, targets, scene.decode_parts(st), i, "torch"),
+        targets.images[i]) for i in range(2))
     loss.backward()
     assert lifted.loss == pytest.approx(float(loss.detach()), rel=1e-5)
     for got, ref in zip((lifted.static, lifted.actors, lifted.sky), leaves, strict=True):

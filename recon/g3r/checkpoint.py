@@ -92,7 +92,7 @@ def load_checkpoint(path: str | Path | None = None, device: torch.device | str =
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(path, f"is not a readable safetensors file ({e})") from e
     if meta.get("format") != FORMAT:

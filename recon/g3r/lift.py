@@ -12,13 +12,13 @@ network sees it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from recon.neural import NeuralScene, SceneState
+from recon.neural import NeuralScene, SceneState, Splats
 from recon.views import View, render_view
 
 
@@ -54,13 +54,26 @@ def view_targets(views: list[View], scale: float = 1.0,
     return ViewTargets(list(views), images)
 
 
-def render_targets(scene: NeuralScene, targets: ViewTargets, state: SceneState, i: int,
+def render_targets(scene: NeuralScene, targets: ViewTargets,
+                   decoded: tuple[Splats, Splats, Splats], i: int,
                    backend: str = "auto") -> Tensor:
-    """Render view ``i`` of ``targets`` at its target's size with ``state``: [H, W, 3]."""
+    """Render view ``i`` of ``targets`` at its target's size: [H, W, 3].
+
+    ``decoded``: ``scene.decode_parts(state)``, decoded once for all views of a state.
+    """
     H, W = targets.images[i].shape[:2]
     out = render_view(scene, targets.views[i], backend=backend, width=W, height=H,
-                      state=state)
+                      decoded=decoded)
     return out.rgb[0]
+
+
+def _splat_tensors(parts: tuple[Splats, ...]) -> list[Tensor]:
+    return [getattr(p, f.name) for p in parts for f in fields(Splats)]
+
+
+def _splats_from(tensors: list[Tensor]) -> tuple[Splats, Splats, Splats]:
+    n = len(fields(Splats))
+    return tuple(Splats(*tensors[k * n:(k + 1) * n]) for k in range(3))  # type: ignore
 
 
 @dataclass
@@ -89,19 +102,29 @@ def lift_gradient(scene: NeuralScene, state: SceneState, targets: ViewTargets, *
     something training backpropagates through.
     """
     leaves = [t.detach().requires_grad_(True) for t in (state.static, state.actors, state.sky)]
-    grads = [torch.zeros_like(t) for t in leaves]
     total = 0.0
+    # autograd.grad, not backward: decoder weights (the model's, in training) must not
+    # collect this gradient.
     with torch.enable_grad():
+        # Decode once; views backpropagate to the decoded splats, which then go back
+        # through the decoders to the states in one pass.
+        decoded = _splat_tensors(scene.decode_parts(SceneState(*leaves)))
+        dleaves = [t.detach().requires_grad_(True) for t in decoded]
+        dgrads = [torch.zeros_like(t) for t in dleaves]
         for i in range(len(targets)):
-            rgb = render_targets(scene, targets, SceneState(*leaves), i, backend)
+            rgb = render_targets(scene, targets, _splats_from(dleaves), i, backend)
             loss = F.mse_loss(rgb, targets.images[i])
-            # autograd.grad, not backward: decoder weights (the model's, in training)
-            # must not collect this gradient.
-            for acc, g in zip(grads, torch.autograd.grad(loss, leaves, allow_unused=True),
+            for acc, g in zip(dgrads, torch.autograd.grad(loss, dleaves, allow_unused=True),
                               strict=True):
                 if g is not None:
                     acc += g
             total += float(loss.detach())
+        used = [k for k, t in enumerate(decoded) if t.requires_grad]
+        grads = torch.autograd.grad([decoded[k] for k in used], leaves,
+                                    grad_outputs=[dgrads[k] for k in used],
+                                    allow_unused=True)
+    grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, leaves,
+                                                                          strict=True)]
     return LiftedGradient(*grads, loss=total)
 
 

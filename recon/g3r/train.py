@@ -166,11 +166,12 @@ def step_loss(ts: TrainingScene, state: SceneState, cfg: TrainConfig, rng: rando
     """Loss of ``state`` on sampled source (and held-out) views, plus PSNRs for the log."""
     sets = [("source", ts.source)] + ([("heldout", ts.heldout)] if cfg.heldout_loss else [])
     terms, stats = [], {}
+    decoded = ts.scene.decode_parts(state)
     for name, targets in sets:
         idx = rng.sample(range(len(targets)), min(cfg.loss_views, len(targets)))
         ps = []
         for i in idx:
-            rgb = render_targets(ts.scene, targets, state, i, backend)
+            rgb = render_targets(ts.scene, targets, decoded, i, backend)
             gt = targets.images[i]
             terms.append(torch.nn.functional.mse_loss(rgb, gt)
                          + cfg.ssim_weight * (1 - ssim(rgb, gt)))
@@ -185,7 +186,8 @@ def validate(model: G3RModel, scenes: list[TrainingScene], T: int, backend: str)
     out = []
     with torch.no_grad():
         for ts in scenes:
-            final = g3r_steps(model, ts.scene, ts.h0, ts.source, T, backend=backend)
+            final = ts.scene.decode_parts(
+                g3r_steps(model, ts.scene, ts.h0, ts.source, T, backend=backend))
             out += [psnr(render_targets(ts.scene, ts.heldout, final, i, backend).clamp(0, 1),
                          ts.heldout.images[i]) for i in range(len(ts.heldout))]
     return float(np.mean(out))
