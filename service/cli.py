@@ -145,6 +145,8 @@ def reconstruct(
     turbo: Annotated[bool, typer.Option(help="G3R's short schedule (T = 12).")] = False,
     checkpoint: Annotated[Path | None, typer.Option(
         help="G3R model (default: the checkpoint shipped with drivesplat).")] = None,
+    lift_groups: Annotated[int | None, typer.Option(
+        help="G3R: lift 1/G of the source views per step (default: the model's).")] = None,
     iters: Annotated[int | None, typer.Option(help="Adam iterations (default 3000).")] = None,
     time_budget_s: Annotated[float | None, typer.Option(
         help="Adam: stop at the first step past this many seconds.")] = None,
@@ -169,8 +171,9 @@ def reconstruct(
 
     if method not in METHODS:
         raise _fail(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
-    if method == "adam" and (steps is not None or turbo or checkpoint is not None):
-        raise _fail("--steps, --turbo and --checkpoint are G3R options; Adam takes --iters "
+    if method == "adam" and (steps is not None or turbo or checkpoint is not None
+                             or lift_groups is not None):
+        raise _fail("--steps, --turbo, --checkpoint and --lift-groups are G3R options; Adam takes --iters "
                     "or --time-budget-s")
     if method == "g3r" and (time_budget_s is not None or densify or iters is not None):
         raise _fail("--iters, --time-budget-s and --densify are Adam options; G3R takes "
@@ -196,7 +199,8 @@ def reconstruct(
             init = InitConfig(actors=actors) if budget is None else InitConfig(
                 budget=budget, actors=actors)
             g3r_kw = ({"steps": steps, "turbo": turbo, "checkpoint": checkpoint,
-                       "g3r": G3RRunConfig(backend=backend)} if method == "g3r" else {})
+                       "g3r": G3RRunConfig(backend=backend, lift_groups=lift_groups)}
+                      if method == "g3r" else {})
             res = run(log, out, method=method, init=init, adam=adam, stage=on_stage,
                       progress=on_step, **g3r_kw)
         except (InitError, ValueError, LogFormatError, CheckpointError) as e:
@@ -292,6 +296,9 @@ def train(
         help="Take the loss on held-out views too (--no-heldout-loss: ablation).")] = True,
     constant_gamma: Annotated[bool, typer.Option(
         help="Constant step size instead of the cosine schedule (ablation).")] = False,
+    lift_groups: Annotated[int | None, typer.Option(
+        help="Lift the gradient from 1/G of the source views per step (default 3; "
+             "1: all views every step).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from --out/train_state.pt.")] = True,
     seed: Annotated[int | None, typer.Option(help="Network init and sampling seed.")] = None,
     backend: Annotated[str, typer.Option(help="Renderer: auto | torch | gsplat.")] = "auto",
@@ -312,7 +319,8 @@ def train(
                          scenes=scenes, frames=frames, width=width, height=height,
                          budget=budget, lr=lr, seed=seed)
     cfg = replace(cfg, heldout_loss=heldout_loss,
-                  model=replace(cfg.model, constant_gamma=constant_gamma))
+                  model=replace(cfg.model, constant_gamma=constant_gamma,
+                                lift_groups=lift_groups or cfg.model.lift_groups))
     with progress_bar() as bar:
         task = bar.add_task("building training scenes", total=None)
 

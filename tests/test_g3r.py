@@ -16,7 +16,7 @@ from recon.g3r.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from recon.g3r.lift import lift_gradient, normalise_gradient, view_targets
+from recon.g3r.lift import lift_gradient, normalise_gradient, view_groups, view_targets
 from recon.g3r.model import G3RConfig, G3RModel, build_scene_graph, gamma
 from recon.g3r.optimize import g3r_steps, normalised
 from recon.g3r.train import TrainConfig, train, training_log_config
@@ -106,6 +106,34 @@ def test_one_g3r_step_is_deterministic_and_reduces_source_loss(log, scene):
     assert after < 0.9 * before
 
 
+def test_view_groups_partition_the_views_and_are_deterministic():
+    groups = view_groups(14, 3, seed=4)
+    assert sorted(i for g in groups for i in g) == list(range(14))  # each view once
+    assert sorted(len(g) for g in groups) == [4, 5, 5]
+    assert groups == view_groups(14, 3, seed=4)
+    assert view_groups(14, 3, seed=5) != groups
+    assert view_groups(2, 5) == [[0], [1]] or view_groups(2, 5) == [[1], [0]]
+    assert view_groups(6, 1) == [list(range(6))]
+    with pytest.raises(ValueError, match="lift groups"):
+        view_groups(6, 0)
+
+
+def test_grouped_steps_lift_one_view_group_each(log, scene):
+    torch.manual_seed(0)
+    model = G3RModel(replace(TINY_MODEL, channels=scene.channels))
+    model.install_decoders(scene)
+    targets = view_targets(source_views(log))
+    h0 = scene.state().detach().clone()
+    first = view_groups(len(targets), 2)[0]
+    assert 0 < len(first) < len(targets)
+    stop = {"on_step": lambda t, s, loss: True}  # step 1 only
+    grouped = g3r_steps(model, scene, h0, targets, T=4, groups=2, backend="torch", **stop)
+    alone = g3r_steps(model, scene, h0, targets.subset(first), T=4, backend="torch", **stop)
+    full = g3r_steps(model, scene, h0, targets, T=4, backend="torch", **stop)
+    assert torch.equal(grouped.static, alone.static)
+    assert not torch.equal(grouped.static, full.static)
+
+
 def test_fresh_network_update_is_the_explicit_step_rule(log, scene):
     model = G3RModel(replace(TINY_MODEL, channels=scene.channels))
     graph = build_scene_graph(scene, model.config)
@@ -161,7 +189,7 @@ def _tiny_training(iterations: int) -> TrainConfig:
     return replace(TrainConfig(), scenes=2, val_scenes=1, frames=4, width=48, height=32,
                    cameras=("front_camera",), budget=1500, actor_budget=80,
                    iterations=iterations, val_every=1000, save_every=1, loss_views=1,
-                   model=replace(TINY_MODEL, channels=46))
+                   model=replace(TINY_MODEL, channels=46, lift_groups=2))
 
 
 def test_training_resumes_where_it_stopped(tmp_path):

@@ -128,6 +128,20 @@ def lift_gradient(scene: NeuralScene, state: SceneState, targets: ViewTargets, *
     return LiftedGradient(*grads, loss=total)
 
 
+def view_groups(n: int, groups: int, seed: int = 0) -> list[list[int]]:
+    """Split view indices 0..n-1 into ``groups`` interleaved groups of a seeded
+    permutation (so no group is one camera or one stretch of road).
+
+    Step t of a G3R run lifts group (t - 1) mod G: every view is read once every G steps
+    at 1/G of the cost of a full lift per step. Deterministic for a given seed.
+    """
+    if groups < 1:
+        raise ValueError(f"lift groups must be >= 1, not {groups}")
+    g = max(1, min(groups, n))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [sorted(perm[k::g]) for k in range(g)]
+
+
 def normalise_gradient(grad: Tensor) -> Tensor:
     """Scale-free gradient [N, C] (or [..., C]): per channel, divide by its RMS over the
     Gaussians that have any gradient, then compress the tails with sign * log1p(|x|).

@@ -51,6 +51,10 @@ class G3RConfig:
         static_voxel_m / actor_voxel_m: level-0 voxel size; levels: U-Net depth.
         widths: voxel channels per level; point_hidden: point-MLP width.
         sky_hidden: sky-CNN width.
+        lift_groups: the source views are split into this many interleaved groups and
+            step t lifts the gradient of group t mod G only (1: every view every step),
+            so a step costs 1/G of a full lift and every view is read every G steps.
+            The model is trained with the grouping it runs with.
     """
 
     channels: int = BASE_CHANNELS + 32
@@ -65,6 +69,7 @@ class G3RConfig:
     widths: tuple[int, ...] = (32, 48, 64)
     point_hidden: int = 64
     sky_hidden: int = 32
+    lift_groups: int = 1
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from recon.g3r.lift import ViewTargets, lift_gradient, normalise_gradient, view_targets
+from recon.g3r.lift import (ViewTargets, lift_gradient, normalise_gradient, view_groups,
+                            view_targets)
 from recon.g3r.model import G3RModel, build_scene_graph
 from recon.neural import NeuralScene, SceneState
 from recon.views import source_views
@@ -31,12 +32,15 @@ class G3RRunConfig:
             resolution the model was trained at; larger images are area-downsampled
             (the gradient is a sum over views, and halving the resolution keeps its
             direction at about a quarter of the cost).
+        lift_groups: views lifted per step = 1/G of the source views (None: the
+            model's, the grouping it was trained with; 1: all views every step).
         backend: renderer.
     """
 
     steps: int | None = None
     turbo: bool = False
     lift_width: int = 160
+    lift_groups: int | None = None
     backend: str = "auto"
 
     def resolve_steps(self, model: G3RModel) -> int:
@@ -45,6 +49,12 @@ class G3RRunConfig:
                 raise ValueError(f"steps must be >= 1, not {self.steps}")
             return self.steps
         return model.config.turbo_steps if self.turbo else model.config.steps
+
+    def resolve_groups(self, model: G3RModel) -> int:
+        g = self.lift_groups if self.lift_groups is not None else model.config.lift_groups
+        if g < 1:
+            raise ValueError(f"lift_groups must be >= 1, not {g}")
+        return g
 
 
 @dataclass
@@ -61,16 +71,20 @@ def normalised(grad: SceneState) -> SceneState:
 
 
 def g3r_steps(model: G3RModel, scene: NeuralScene, state: SceneState, targets: ViewTargets,
-              T: int, *, backend: str = "auto",
+              T: int, *, groups: int = 1, backend: str = "auto",
               on_step: Callable[[int, SceneState, float], bool | None] | None = None
               ) -> SceneState:
     """Apply T model updates to ``state`` (no graph); returns the final state.
 
-    ``on_step(t, new_state, loss_before)`` runs after each step; returning True stops.
+    Step t lifts the gradient from view group (t - 1) mod ``groups``
+    (:func:`~recon.g3r.lift.view_groups`). ``on_step(t, new_state, loss_before)`` runs
+    after each step; returning True stops.
     """
     graph = build_scene_graph(scene, model.config)
+    subsets = [targets.subset(g) for g in view_groups(len(targets), groups)]
     for t in range(1, T + 1):
-        lifted = lift_gradient(scene, state, targets, backend=backend)
+        lifted = lift_gradient(scene, state, subsets[(t - 1) % len(subsets)],
+                               backend=backend)
         with torch.no_grad():
             state = model.update(state, normalised(lifted.as_state()), graph, t, T)
         if on_step is not None and on_step(t, state, lifted.loss):
@@ -122,7 +136,8 @@ def optimise_g3r(scene: NeuralScene, log: LogSegment, model: G3RModel,
         return bool(should_stop is not None and should_stop())
 
     final = g3r_steps(model, scene, scene.state().detach().clone(), targets, T,
-                      backend=cfg.backend, on_step=on_step)
+                      groups=cfg.resolve_groups(model), backend=cfg.backend,
+                      on_step=on_step)
     scene.load_state_(final)
     result.seconds = time.perf_counter() - t0 - excluded
     return result

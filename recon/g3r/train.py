@@ -3,7 +3,8 @@
 An *episode* takes one training scene from its LiDAR initialisation through K update
 steps (K, the unroll length, grows over training up to T). At every step:
 
-1. the gradient input is lifted from the scene's **source** views only;
+1. the gradient input is lifted from the scene's **source** views only (from one group
+   of them when the model runs with ``lift_groups`` > 1);
 2. the model updates the state;
 3. the loss is taken on a sample of source **and held-out** views of the new state:
    MSE + w_ssim (1 - SSIM) + w_flat * mean smallest scale (flat Gaussians hug surfaces);
@@ -31,7 +32,8 @@ import torch
 from torch import Tensor
 
 from recon.g3r.checkpoint import save_checkpoint
-from recon.g3r.lift import ViewTargets, lift_gradient, render_targets, view_targets
+from recon.g3r.lift import (ViewTargets, lift_gradient, render_targets, view_groups,
+                            view_targets)
 from recon.g3r.model import G3RConfig, G3RModel, SceneGraph, build_scene_graph
 from recon.g3r.optimize import g3r_steps, normalised
 from recon.init import InitConfig, initialise_scene
@@ -89,7 +91,8 @@ class TrainConfig:
     save_every: int = 50
     time_budget_s: float | None = None
     seed: int = 0
-    model: G3RConfig = field(default_factory=G3RConfig)
+    #: Trained to lift a third of the source views per step (see G3RConfig.lift_groups).
+    model: G3RConfig = field(default_factory=lambda: G3RConfig(lift_groups=3))
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -187,7 +190,8 @@ def validate(model: G3RModel, scenes: list[TrainingScene], T: int, backend: str)
     with torch.no_grad():
         for ts in scenes:
             final = ts.scene.decode_parts(
-                g3r_steps(model, ts.scene, ts.h0, ts.source, T, backend=backend))
+                g3r_steps(model, ts.scene, ts.h0, ts.source, T,
+                          groups=model.config.lift_groups, backend=backend))
             out += [psnr(render_targets(ts.scene, ts.heldout, final, i, backend).clamp(0, 1),
                          ts.heldout.images[i]) for i in range(len(ts.heldout))]
     return float(np.mean(out))
@@ -252,8 +256,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = True,
             T = cfg.model.turbo_steps if rng.random() < cfg.turbo_fraction else T_full
             K = min(T, cfg.unroll_start + episode // cfg.unroll_every)
             state = ts.h0
+            # A fresh split of the source views per episode, as many as the model runs with.
+            groups = [ts.source.subset(g) for g in view_groups(
+                len(ts.source), cfg.model.lift_groups, seed=rng.randrange(2**31))]
             for t in range(1, K + 1):
-                lifted = lift_gradient(ts.scene, state, ts.source, backend=backend)
+                lifted = lift_gradient(ts.scene, state, groups[(t - 1) % len(groups)],
+                                       backend=backend)
                 new = model.update(state, normalised(lifted.as_state()), ts.graph, t, T)
                 loss, stats = step_loss(ts, new, cfg, rng, backend)
                 opt.zero_grad(set_to_none=True)
