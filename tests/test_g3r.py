@@ -211,3 +211,20 @@ def test_training_resumes_where_it_stopped(tmp_path):
 def test_training_refuses_eval_seeds():
     with pytest.raises(ValueError, match="evaluation seed"):
         training_log_config(5, TrainConfig())
+
+
+def test_bench_time_to_reach_and_merge():
+    from recon.g3r.bench import merge_reports, time_to_reach
+
+    curve = [{"wall_s": 10.0, "psnr": 18.0}, {"wall_s": 20.0, "psnr": 22.0},
+             {"wall_s": 30.0, "psnr": 23.0}]
+    assert time_to_reach(curve, 17.0) == 10.0
+    assert time_to_reach(curve, 20.0) == pytest.approx(15.0)
+    assert time_to_reach(curve, 23.5) is None  # never reached: no speedup claimed
+    row = {"method": "g3r", "psnr": 23.0, "ssim": 0.7, "wall_s": 5.0,
+           "psnr_shift": {"1": 22.0, "2": 21.0, "3": None}}
+    rep = {"checkpoint": {"sha256": "a"}, "logs": [{"rows": [row], "speedup": 4.0}]}
+    merged = merge_reports([rep, {**rep, "logs": [{"rows": [row], "speedup": None}]}])
+    assert merged["speedups"] == [4.0, None] and merged["summary"][0]["psnr"] == 23.0
+    with pytest.raises(ValueError, match="different checkpoints"):
+        merge_reports([rep, {**rep, "checkpoint": {"sha256": "b"}}])
