@@ -32,6 +32,7 @@ from torch import Tensor
 
 from recon.metrics import ssim
 from recon.neural import COLOR, LOG_SCALE, OPACITY, POS, QUAT, NeuralScene
+from recon.render.projection import quat_scale_to_matrix
 from recon.views import render_view, source_views
 from scenes.log import LogSegment
 
@@ -207,6 +208,16 @@ def optimise_adam(scene: NeuralScene, log: LogSegment, config: AdamConfig | None
     return result
 
 
+def sample_offsets(quats: Tensor, scales: Tensor) -> Tensor:
+    """One sample per Gaussian from N(0, R diag(s)^2 R^T), its own covariance: [N, 3].
+
+    Args:
+        quats: [N, 4] (w, x, y, z); scales: [N, 3] standard deviations (m).
+    """
+    M = quat_scale_to_matrix(quats, scales)  # [N, 3, 3]
+    return (M @ torch.randn(len(M), 3, 1, device=M.device, dtype=M.dtype)).squeeze(-1)
+
+
 class _Densifier:
     """3DGS adaptive density control on the static part (actors/sky keep their sets)."""
 
@@ -254,9 +265,9 @@ class _Densifier:
             new_h.append(hc)
         if len(split):
             hs = h[split].repeat(2, 1)
-            std = hs[:, LOG_SCALE].exp()
-            offset = torch.randn_like(std) * std  # sampled in the local frame (approx.)
-            new_a.append(anchors[split].repeat(2, 1) + hs[:, POS] + offset)
+            g = scene.static_decoder(hs)  # two samples from each split Gaussian
+            offset = sample_offsets(g[:, QUAT], g[:, LOG_SCALE].exp())
+            new_a.append(anchors[split].repeat(2, 1) + g[:, POS] + offset)
             hs[:, POS] = 0.0
             hs[:, LOG_SCALE] -= math.log(1.6)
             new_h.append(hs)

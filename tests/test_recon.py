@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -200,6 +201,20 @@ def test_cli_reconstruct_render_eval(tmp_path):
     assert metrics["psnr"] > 10 and metrics["recon_s"] > 0
     res = runner.invoke(app, ["render", str(scene_dir), "--frame", "99", "--out", str(png)])
     assert res.exit_code == 2 and "99" in res.output
+
+
+def test_split_samples_follow_the_gaussians_own_orientation():
+    from recon.adam import sample_offsets
+    from recon.render.projection import quat_scale_to_matrix
+
+    torch.manual_seed(0)
+    # A needle along x rotated 45 degrees about z: its samples spread along (1, 1, 0).
+    q = torch.tensor([[math.cos(math.pi / 8), 0.0, 0.0, math.sin(math.pi / 8)]])
+    s = torch.tensor([[2.0, 0.1, 0.1]])
+    x = sample_offsets(q.expand(20000, 4), s.expand(20000, 3))
+    M = quat_scale_to_matrix(q, s)[0]
+    assert torch.allclose(x.T @ x / len(x), M @ M.T, atol=0.1)
+    assert abs(float(torch.corrcoef(x[:, :2].T)[0, 1])) > 0.95
 
 
 def test_densify_clones_splits_and_prunes(log):
