@@ -173,8 +173,8 @@ def reconstruct(
         raise _fail(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
     if method == "adam" and (steps is not None or turbo or checkpoint is not None
                              or lift_groups is not None):
-        raise _fail("--steps, --turbo, --checkpoint and --lift-groups are G3R options; Adam takes --iters "
-                    "or --time-budget-s")
+        raise _fail("--steps, --turbo, --checkpoint and --lift-groups are G3R options; "
+                    "Adam takes --iters or --time-budget-s")
     if method == "g3r" and (time_budget_s is not None or densify or iters is not None):
         raise _fail("--iters, --time-budget-s and --densify are Adam options; G3R takes "
                     "--steps or --turbo")

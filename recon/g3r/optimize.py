@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from recon.g3r.lift import (ViewTargets, lift_gradient, normalise_gradient, view_groups,
-                            view_targets)
+from recon.g3r.lift import ViewTargets, lift_gradient, normalise_gradient, view_groups, view_targets
 from recon.g3r.model import G3RModel, build_scene_graph
 from recon.neural import NeuralScene, SceneState
 from recon.views import source_views

@@ -32,8 +32,7 @@ import torch
 from torch import Tensor
 
 from recon.g3r.checkpoint import save_checkpoint
-from recon.g3r.lift import (ViewTargets, lift_gradient, render_targets, view_groups,
-                            view_targets)
+from recon.g3r.lift import ViewTargets, lift_gradient, render_targets, view_groups, view_targets
 from recon.g3r.model import G3RConfig, G3RModel, SceneGraph, build_scene_graph
 from recon.g3r.optimize import g3r_steps, normalised
 from recon.init import InitConfig, initialise_scene
