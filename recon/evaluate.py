@@ -5,9 +5,9 @@ and AbsRel against ground-truth z-depth where it exists (pixels with finite grou
 truth), PSNR
 inside moving-actor masks (per view with at least ``MIN_ACTOR_PIXELS`` masked pixels,
 averaged over those views, next to the whole-image PSNR of the same views; the pooled
-PSNR over all masked pixels is reported too). On lane-shifted ground truth (synthetic logs): PSNR per shift distance,
-both directions pooled as the mean over images. LPIPS needs pretrained weights that are
-not available here and is not computed.
+PSNR over all masked pixels is reported too). On lane-shifted ground truth (synthetic
+logs): PSNR per shift distance, both directions pooled as the mean over images. LPIPS
+needs pretrained weights that are not available here and is not computed.
 """
 
 from __future__ import annotations

@@ -223,8 +223,12 @@ def test_bench_time_to_reach_and_merge():
     assert time_to_reach(curve, 23.5) is None  # never reached: no speedup claimed
     row = {"method": "g3r", "psnr": 23.0, "ssim": 0.7, "wall_s": 5.0,
            "psnr_shift": {"1": 22.0, "2": 21.0, "3": None}}
-    rep = {"checkpoint": {"sha256": "a"}, "logs": [{"rows": [row], "speedup": 4.0}]}
-    merged = merge_reports([rep, {**rep, "logs": [{"rows": [row], "speedup": None}]}])
+    adam_curve = [{"wall_s": 60.0, "psnr": 22.5}]
+    rep = {"checkpoint": {"sha256": "a"},
+           "logs": [{"rows": [row], "speedup": 4.0, "adam_curve": adam_curve}]}
+    merged = merge_reports([rep, {**rep, "logs": [{"rows": [row], "speedup": None,
+                                                   "adam_curve": adam_curve}]}])
     assert merged["speedups"] == [4.0, None] and merged["summary"][0]["psnr"] == 23.0
+    assert merged["speedup_lower_bounds"] == [None, 12.0]  # 60 s of Adam / 5 s of G3R
     with pytest.raises(ValueError, match="different checkpoints"):
         merge_reports([rep, {**rep, "checkpoint": {"sha256": "b"}}])
