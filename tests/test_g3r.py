@@ -87,12 +87,16 @@ def test_gamma_schedule_decreases_and_constant_ablation():
     assert gamma(1, T, 0.1, constant=True) == gamma(T, T, 0.1, constant=True) == 0.55
 
 
-def test_one_g3r_step_is_deterministic_and_reduces_source_loss(log, scene):
+def _fresh_model_and_inputs(log, scene):
+    """A seeded untrained tiny model on ``scene``, its source targets and initial state."""
     torch.manual_seed(0)
     model = G3RModel(replace(TINY_MODEL, channels=scene.channels))
     model.install_decoders(scene)
-    targets = view_targets(source_views(log))
-    h0 = scene.state().detach().clone()
+    return model, view_targets(source_views(log)), scene.state().detach().clone()
+
+
+def test_one_g3r_step_is_deterministic_and_reduces_source_loss(log, scene):
+    model, targets, h0 = _fresh_model_and_inputs(log, scene)
 
     def one_step():
         return g3r_steps(model, scene, h0, targets, T=4, backend="torch",
@@ -119,11 +123,7 @@ def test_view_groups_partition_the_views_and_are_deterministic():
 
 
 def test_grouped_steps_lift_one_view_group_each(log, scene):
-    torch.manual_seed(0)
-    model = G3RModel(replace(TINY_MODEL, channels=scene.channels))
-    model.install_decoders(scene)
-    targets = view_targets(source_views(log))
-    h0 = scene.state().detach().clone()
+    model, targets, h0 = _fresh_model_and_inputs(log, scene)
     first = view_groups(len(targets), 2)[0]
     assert 0 < len(first) < len(targets)
     stop = {"on_step": lambda t, s, loss: True}  # step 1 only

@@ -60,7 +60,7 @@ class G3RRunConfig:
 class G3RResult:
     iterations: int
     seconds: float
-    losses: list[float] = field(default_factory=list)  # source L2 before each step
+    losses: list[float] = field(default_factory=list)  # L2 of the step's view group, before it
     curve: list[dict] = field(default_factory=list)  # from the eval hook
 
 
