@@ -16,7 +16,8 @@ Loss: (1 - 0.2) L1 + 0.2 (1 - SSIM) on source views, a batch of views per step.
 ``extent`` is the radius of the camera centres around their mean times 1.1, as in 3DGS.
 Stops after ``iters`` steps or at the first step past ``time_budget_s`` seconds.
 Optional densification/pruning follows 3DGS (clone small / split large Gaussians whose
-view-space position gradient is high; prune nearly transparent ones).
+view-space position gradient is high; prune nearly transparent ones), on the static part
+and on every actor in its object frame.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def optimise_adam(scene: NeuralScene, log: LogSegment, config: AdamConfig | None
             loss.backward()
             total += float(loss.detach())
             if densify is not None:
-                densify.accumulate(out)
+                densify.accumulate(out, views[i].timestamp)
         opt.step()
         if densify is not None:
             densify.maybe_densify(step, opt)
@@ -219,25 +220,42 @@ def sample_offsets(quats: Tensor, scales: Tensor) -> Tensor:
 
 
 class _Densifier:
-    """3DGS adaptive density control on the static part (actors/sky keep their sets)."""
+    """3DGS adaptive density control on the static part and on every actor (each in its
+    own object frame); the sky grid keeps its fixed layout.
+
+    Per Gaussian it averages the view-space position gradient over the views that drew it;
+    every ``densify_every`` steps, hot small Gaussians are cloned, hot large ones split in
+    two samples of their own covariance (scales / 1.6), nearly transparent ones pruned.
+    """
 
     def __init__(self, scene: NeuralScene, cfg: AdamConfig, extent: float) -> None:
         self.scene = scene
         self.cfg = cfg
         self.extent = extent
-        n = scene.static_state.shape[0]
-        self.grad_sum = torch.zeros(n, device=scene.static_state.device)
-        self.count = torch.zeros(n, device=scene.static_state.device)
+        self._reset()
 
-    def accumulate(self, out) -> None:
+    def _reset(self) -> None:
+        dev = self.scene.static_state.device
+        n = self.scene.static_state.shape[0] + self.scene.actor_state.shape[0]
+        self.grad_sum = torch.zeros(n, device=dev)  # static rows, then actor rows
+        self.count = torch.zeros(n, device=dev)
+
+    def accumulate(self, out, t: float) -> None:
+        """Add the view-space gradients of a view rendered at time ``t``."""
         g = out.means2d.grad
         if g is None:
             return
-        ns = self.scene.static_state.shape[0]
-        vis = out.visible[0, :ns]
-        norm = g[0, :ns].norm(dim=-1)
-        self.grad_sum[vis] += norm[vis]
-        self.count[vis] += 1
+        scene = self.scene
+        ns = scene.static_state.shape[0]
+        # Rendered rows: static, then the actor rows visible at t (in state order).
+        _, visible = scene.actor_poses(t)
+        rows = torch.cat([torch.arange(ns, device=g.device),
+                          ns + visible.to(g.device)[scene.actor_index].nonzero().squeeze(1)])
+        n = len(rows)
+        vis = out.visible[0, :n]
+        norm = g[0, :n].norm(dim=-1)
+        self.grad_sum.index_add_(0, rows[vis], norm[vis])
+        self.count.index_add_(0, rows[vis], torch.ones_like(norm[vis]))
 
     @torch.no_grad()
     def maybe_densify(self, step: int, opt: ChannelAdam) -> None:
@@ -246,37 +264,59 @@ class _Densifier:
                 step % cfg.densify_every:
             return
         scene = self.scene
-        h = scene.static_state.data
-        anchors = scene.static_anchors
+        ns = scene.static_state.shape[0]
         avg = self.grad_sum / self.count.clamp_min(1)
+        room = max(0, cfg.max_gaussians - ns - scene.actor_state.shape[0])
+        if scene.actor_state.shape[0]:  # actors first: they are few, and would starve
+            state, anchors, index, room = self._part(
+                scene.actor_state.data, scene.actor_anchors, scene.actor_index, avg[ns:],
+                scene.actor_decoder, opt, 1, room)
+            # Keep actors contiguous in id order (NeuralScene.splats relies on it).
+            order = torch.argsort(index, stable=True)
+            scene.actor_anchors, scene.actor_index = anchors[order], index[order]
+            scene.actor_state = torch.nn.Parameter(state[order])
+            opt.params[1] = scene.actor_state
+            opt.m[1], opt.v[1] = opt.m[1][order], opt.v[1][order]
+        static_state, static_anchors, _, _ = self._part(
+            scene.static_state.data, scene.static_anchors, None, avg[:ns], scene.static_decoder,
+            opt, 0, room)
+        scene.static_anchors = static_anchors
+        scene.static_state = torch.nn.Parameter(static_state)
+        opt.params[0] = scene.static_state
+        self._reset()
+
+    def _part(self, h: Tensor, anchors: Tensor, index: Tensor | None, avg: Tensor, decoder,
+              opt: ChannelAdam, i: int, room: int
+              ) -> tuple[Tensor, Tensor, Tensor | None, int]:
+        """Clone / split / prune one part; returns its new state, anchors, actor index
+        and the Gaussians still allowed (``room``)."""
+        cfg = self.cfg
         scales = h[:, LOG_SCALE].exp().max(1).values
         opacity = torch.sigmoid(h[:, OPACITY]).squeeze(1)
         big = scales > 0.01 * self.extent  # 3DGS percent_dense
         hot = avg > cfg.densify_grad_threshold
-        room = max(0, cfg.max_gaussians - h.shape[0])
         clone = (hot & ~big).nonzero().squeeze(1)[:room]
         split = (hot & big).nonzero().squeeze(1)[:max(0, room - len(clone))]
         keep = (opacity > cfg.prune_opacity) & ~torch.zeros_like(hot).index_fill_(0, split, True)
         new_h, new_a = [h[keep]], [anchors[keep]]
+        new_i = [index[keep]] if index is not None else []
         if len(clone):
             hc = h[clone].clone()
             new_a.append(anchors[clone] + hc[:, POS])
             hc[:, POS] = 0.0
             new_h.append(hc)
+            new_i += [index[clone]] if index is not None else []
         if len(split):
             hs = h[split].repeat(2, 1)
-            g = scene.static_decoder(hs)  # two samples from each split Gaussian
+            g = decoder(hs)  # two samples from each split Gaussian
             offset = sample_offsets(g[:, QUAT], g[:, LOG_SCALE].exp())
             new_a.append(anchors[split].repeat(2, 1) + g[:, POS] + offset)
             hs[:, POS] = 0.0
             hs[:, LOG_SCALE] -= math.log(1.6)
             new_h.append(hs)
+            new_i += [index[split].repeat(2)] if index is not None else []
         state = torch.cat(new_h)
-        scene.static_anchors = torch.cat(new_a)
-        scene.static_state = torch.nn.Parameter(state)
-        opt.replace(0, scene.static_state, keep, len(state) - int(keep.sum()))
-        self.grad_sum = torch.zeros(len(state), device=state.device)
-        self.count = torch.zeros(len(state), device=state.device)
-
-
-
+        n_new = len(state) - int(keep.sum())
+        opt.replace(i, state, keep, n_new)
+        return (state, torch.cat(new_a), torch.cat(new_i) if index is not None else None,
+                room - len(clone) - len(split))

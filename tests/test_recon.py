@@ -220,17 +220,24 @@ def test_split_samples_follow_the_gaussians_own_orientation():
 def test_densify_clones_splits_and_prunes(log):
     scene = initialise_scene(log, SMALL_INIT)
     n0 = scene.num_gaussians["static"]
+    per_actor0 = torch.bincount(scene.actor_index, minlength=len(scene.actor_ids))
     with torch.no_grad():  # a few nearly transparent Gaussians to prune
         scene.static_state[:50, 13] = -8.0
     cfg = AdamConfig(iters=6, densify=True, densify_from=2, densify_every=2,
                      densify_until_fraction=1.0, densify_grad_threshold=1e-7,
-                     max_gaussians=n0 + 500, backend="torch")
+                     max_gaussians=n0 + int(per_actor0.sum()) + 500, backend="torch")
     res = optimise_adam(scene, log, cfg)
     n1 = scene.num_gaussians["static"]
     assert res.iterations == 6
-    assert n1 != n0 and n1 <= n0 + 500
+    assert n1 != n0 and n1 + scene.num_gaussians["actors"] <= cfg.max_gaussians
     assert scene.static_anchors.shape[0] == scene.static_state.shape[0] == n1
     assert torch.sigmoid(scene.static_state[:, 13]).min() > 0.0005  # pruned ones are gone
+    # Actors densify in their own frames: rows stay grouped by actor, in id order.
+    na = scene.num_gaussians["actors"]
+    assert scene.actor_anchors.shape[0] == scene.actor_index.shape[0] == na
+    assert (scene.actor_index.diff() >= 0).all()
+    per_actor1 = torch.bincount(scene.actor_index, minlength=len(scene.actor_ids))
+    assert (per_actor1 != per_actor0).any()
     with torch.no_grad():
         out = render_view(scene, heldout_views(log)[0], backend="torch")
     assert torch.isfinite(out.rgb).all()

@@ -31,7 +31,7 @@ from recon.metrics import psnr
 from recon.neural import BASE_CHANNELS, NeuralScene
 from recon.views import heldout_views, render_view
 from scenes.log import LogSegment
-from scenes.synthetic import SyntheticConfig, generate_log
+from scenes.synthetic import SyntheticConfig, generate_log, render_all
 
 #: Evaluation logs: (what differs from training, config). Training draws 160x90 images,
 #: the three front cameras, hfov 62-78 deg, traffic 0.6-2.2 and the seeded curvature.
@@ -94,18 +94,6 @@ def heldout_psnr(scene: NeuralScene, log: LogSegment, backend: str) -> float:
     return float(np.mean(out))
 
 
-def materialise(log: LogSegment) -> LogSegment:
-    """Synthesise every image and sweep of a (lazy) synthetic log now, so that the
-    generator's ray casting is not timed as part of a method's initialisation (a
-    recorded log is on disk already)."""
-    for frame in log.frames:
-        if frame.has_lidar:
-            frame.lidar()
-        for im in frame.images.values():
-            im.image()
-    return log
-
-
 def time_to_reach(curve: list[dict], target: float) -> float | None:
     """Wall time at which a (wall_s, psnr) curve first reaches ``target`` (linear
     interpolation between points); None if it never does."""
@@ -126,7 +114,10 @@ def bench_log(name: str, log_cfg: SyntheticConfig, ckpt: Checkpoint,
     """All methods on one evaluation log."""
     if cfg.frames is not None:
         log_cfg = replace(log_cfg, frames=cfg.frames)
-    log = materialise(generate_log(log_cfg))
+    log = generate_log(log_cfg)
+    # Synthesise every image and sweep before the clock starts: a recorded log is on
+    # disk already, so the generator's ray casting is no part of a method's init.
+    render_all(log, ground_truth=False)
     t0 = time.perf_counter()
     base = initialise_scene(log, InitConfig(
         budget=cfg.budget, actor_budget=cfg.actor_budget,
