@@ -20,7 +20,7 @@ def bench_adam_curve(log_config: SyntheticConfig, init: InitConfig, adam: AdamCo
     ``eval_every`` steps (evaluation time excluded from the wall time), then the full
     protocol (lane shifts, actors, depth) on the final scene."""
     log = generate_log(log_config)
-    render_all(log, ground_truth=False)  # generation is not part of init (a recorded log is on disk)
+    render_all(log, ground_truth=False)  # not part of init: a recorded log is on disk
     t0 = time.perf_counter()
     scene = initialise_scene(log, init)
     init_s = time.perf_counter() - t0
