@@ -5,7 +5,8 @@ and AbsRel against ground-truth z-depth where it exists (pixels with finite grou
 truth), PSNR
 inside moving-actor masks (per view with at least ``MIN_ACTOR_PIXELS`` masked pixels,
 averaged over those views, next to the whole-image PSNR of the same views; the pooled
-PSNR over all masked pixels is reported too). On lane-shifted ground truth (synthetic
+PSNR over all masked pixels, and per track, are reported too); depth RMSE is also broken
+down by ground-truth distance (``DEPTH_RANGES_M``). On lane-shifted ground truth (synthetic
 logs): PSNR per shift distance, both directions pooled as the mean over images. LPIPS
 needs pretrained weights that are not available here and is not computed.
 """
@@ -28,6 +29,9 @@ from scenes.log import LogSegment, Track
 #: Views whose moving-actor mask is smaller than this give no per-view actor PSNR (a few
 #: edge pixels make it noise).
 MIN_ACTOR_PIXELS = 50
+
+#: Ground-truth z-depth bins (m) of the depth breakdown: [lo, hi).
+DEPTH_RANGES_M = ((0.0, 20.0), (20.0, 40.0), (40.0, math.inf))
 
 
 def actor_mask(view: View, tracks: list[Track], depth: np.ndarray | None = None,
@@ -82,8 +86,11 @@ def evaluate(scene: NeuralScene, log: LogSegment, *, backend: str = "auto",
 
     Returns:
         ``{"psnr", "ssim", "psnr_shift": {"1", "2", "3"}, "psnr_actors",
-        "psnr_actor_views", "psnr_actors_pooled", "depth_rmse", "depth_abs_rel",
-        "recon_s", "views"}``; pieces the log cannot provide are None.
+        "psnr_actor_views", "psnr_actors_pooled", "psnr_actors_by_track", "depth_rmse",
+        "depth_abs_rel", "depth_rmse_by_range", "recon_s", "views"}``; pieces the log
+        cannot provide are None. ``psnr_actors_by_track``: track id -> mean per-view
+        PSNR inside that track's own mask; ``depth_rmse_by_range``: "lo-hi" (m) -> RMSE
+        of the pixels whose ground truth lies in that range.
     """
     held = _subset(heldout_views(log), max_views)
     shifted = _subset(shifted_views(log), max_views * 2 if max_views else None)
@@ -92,6 +99,9 @@ def evaluate(scene: NeuralScene, log: LogSegment, *, backend: str = "auto",
     done = 0
     psnrs, ssims, sq_err, n_actor, d_err, d_n, d_rel = [], [], 0.0, 0, 0.0, 0, 0.0
     actor_psnrs, actor_view_psnrs = [], []
+    by_track: dict[str, list[float]] = {}
+    range_err = np.zeros(len(DEPTH_RANGES_M))
+    range_n = np.zeros(len(DEPTH_RANGES_M), dtype=np.int64)
     for v in held:
         rgb, depth = _render(scene, v, backend)
         gt = v.target()
@@ -106,6 +116,11 @@ def evaluate(scene: NeuralScene, log: LogSegment, *, backend: str = "auto",
                 d_err += r * r * int(valid.sum())
                 d_n += int(valid.sum())
                 d_rel += float(((depth[valid] - gt_d[valid]).abs() / gt_d[valid]).sum())
+                sq = (depth - gt_d) ** 2
+                for k, (lo, hi) in enumerate(DEPTH_RANGES_M):
+                    sel = valid & (gt_d >= lo) & (gt_d < hi)
+                    range_err[k] += float(sq[sel].sum())
+                    range_n[k] += int(sel.sum())
         if moving:
             m = torch.from_numpy(actor_mask(v, moving, gt_depth))
             if m.any():
@@ -115,6 +130,12 @@ def evaluate(scene: NeuralScene, log: LogSegment, *, backend: str = "auto",
                 if int(m.sum()) >= MIN_ACTOR_PIXELS:
                     actor_psnrs.append(10 * math.log10(int(m.sum()) / max(err, 1e-12)))
                     actor_view_psnrs.append(psnrs[-1])
+                sq_px = ((rgb - gt) ** 2).mean(-1)
+                for tr in moving:
+                    mt = actor_mask(v, [tr], gt_depth)
+                    if int(mt.sum()) >= MIN_ACTOR_PIXELS:
+                        e = float(sq_px[torch.from_numpy(mt)].mean())
+                        by_track.setdefault(tr.id, []).append(10 * math.log10(1 / max(e, 1e-12)))
         done += 1
         if progress is not None:
             progress(done, total)
@@ -137,7 +158,13 @@ def evaluate(scene: NeuralScene, log: LogSegment, *, backend: str = "auto",
         # All actor pixels of all views pooled into one MSE (weighs the worst views most).
         "psnr_actors_pooled": (10 * math.log10(n_actor / max(sq_err, 1e-12))
                                if n_actor else None),
+        "psnr_actors_by_track": ({k: _mean(v) for k, v in sorted(by_track.items())}
+                                 if moving else None),
         "depth_rmse": math.sqrt(d_err / d_n) if d_n else None,
+        "depth_rmse_by_range": ({_range_name(lo, hi): (math.sqrt(e / n) if n else None)
+                                 for (lo, hi), e, n in zip(DEPTH_RANGES_M, range_err, range_n,
+                                                           strict=True)}
+                                if d_n else None),
         # Mean |pred - gt| / gt: robust to the few far pixels that dominate the RMSE.
         "depth_abs_rel": d_rel / d_n if d_n else None,
         "recon_s": recon_s,
@@ -150,6 +177,10 @@ def _subset(views: list[View], n: int | None) -> list[View]:
         return views
     idx = np.linspace(0, len(views) - 1, n).round().astype(int)
     return [views[i] for i in sorted(set(idx.tolist()))]
+
+
+def _range_name(lo: float, hi: float) -> str:
+    return f"{lo:g}-{hi:g}" if math.isfinite(hi) else f"{lo:g}+"
 
 
 def _mean(xs: list[float]) -> float | None:

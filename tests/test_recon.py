@@ -138,6 +138,13 @@ def test_few_adam_steps_improve_heldout_psnr(log):
     assert set(after["psnr_shift"]) == {"1", "2", "3"}
     assert after["depth_rmse"] is not None and after["depth_rmse"] > 0
     assert 0 < after["depth_abs_rel"] < 1
+    by_range = after["depth_rmse_by_range"]
+    assert set(by_range) == {"0-20", "20-40", "40+"}
+    assert any(r is not None and r > 0 for r in by_range.values())
+    # The fixture log shows a moving actor in a held-out view: its track gets a number.
+    assert after["psnr_actors_by_track"]
+    assert set(after["psnr_actors_by_track"]) <= {t.id for t in log.moving_tracks}
+    assert all(10 < p < 60 for p in after["psnr_actors_by_track"].values())
 
 
 def test_adam_time_budget_stops_early(log):
