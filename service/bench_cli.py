@@ -112,6 +112,8 @@ def bench_adam(
     eval_every: Annotated[int, typer.Option(help="Evaluate every this many steps.")] = 250,
     max_views: Annotated[int | None, typer.Option(help="Held-out views per curve point "
                                                        "(evenly spaced subset).")] = 12,
+    densify: Annotated[bool, typer.Option(help="3DGS densify/prune (static and actors).")]
+    = False,
     backend: str = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -124,7 +126,8 @@ def bench_adam(
     console = Console(stderr=True)
     res = bench_adam_curve(
         SyntheticConfig(seed=seed, frames=frames, width=width, height=height),
-        InitConfig(budget=budget, actors=actors), AdamConfig(iters=iters, backend=backend),
+        InitConfig(budget=budget, actors=actors),
+        AdamConfig(iters=iters, densify=densify, backend=backend),
         eval_every=eval_every, max_views=max_views,
         on_row=lambda r: console.print(f"step {r['step']:>6}  {r['wall_s']:>8.1f} s  "
                                        f"PSNR {r['psnr']:.2f}  SSIM {r['ssim']:.3f}"))
