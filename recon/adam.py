@@ -58,7 +58,7 @@ class AdamConfig:
     densify_from: int = 300
     densify_until_fraction: float = 0.5
     densify_every: int = 100
-    densify_grad_threshold: float = 2e-4
+    densify_grad_threshold: float = 2e-4  # on NDC-space position gradients, as 3DGS
     prune_opacity: float = 0.005
     max_gaussians: int = 400_000
     seed: int = 0
@@ -253,7 +253,9 @@ class _Densifier:
                           ns + visible.to(g.device)[scene.actor_index].nonzero().squeeze(1)])
         n = len(rows)
         vis = out.visible[0, :n]
-        norm = g[0, :n].norm(dim=-1)
+        # 3DGS thresholds the gradient w.r.t. NDC positions: d/d(ndc) = d/d(px) * size / 2.
+        H, W = out.rgb.shape[1:3]
+        norm = (g[0, :n] * g.new_tensor([W / 2, H / 2])).norm(dim=-1)
         self.grad_sum.index_add_(0, rows[vis], norm[vis])
         self.count.index_add_(0, rows[vis], torch.ones_like(norm[vis]))
 
