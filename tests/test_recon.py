@@ -224,6 +224,17 @@ def test_split_samples_follow_the_gaussians_own_orientation():
     assert abs(float(torch.corrcoef(x[:, :2].T)[0, 1])) > 0.95
 
 
+def test_densify_grows_scene_at_the_default_3dgs_threshold(log):
+    # The threshold is in NDC units (as 3DGS): on pixel gradients it would never fire.
+    scene = initialise_scene(log, SMALL_INIT)
+    n0 = dict(scene.num_gaussians)
+    optimise_adam(scene, log, AdamConfig(iters=20, densify=True, densify_from=10,
+                                         densify_every=10, densify_until_fraction=1.0,
+                                         backend="torch"))
+    assert scene.num_gaussians["static"] > 1.1 * n0["static"]
+    assert scene.num_gaussians["actors"] > 1.1 * n0["actors"]
+
+
 def test_densify_clones_splits_and_prunes(log):
     scene = initialise_scene(log, SMALL_INIT)
     n0 = scene.num_gaussians["static"]
