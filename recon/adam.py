@@ -239,18 +239,25 @@ class _Densifier:
         n = self.scene.static_state.shape[0] + self.scene.actor_state.shape[0]
         self.grad_sum = torch.zeros(n, device=dev)  # static rows, then actor rows
         self.count = torch.zeros(n, device=dev)
+        self._rows: dict[float, Tensor] = {}  # view time -> its rendered rows' state rows
+
+    def _rendered_rows(self, t: float, device: torch.device) -> Tensor:
+        """State rows of the splats rendered at time t: static, then visible actors."""
+        if t not in self._rows:
+            scene = self.scene
+            _, visible = scene.actor_poses(t)
+            actors = visible.to(device)[scene.actor_index].nonzero().squeeze(1)
+            self._rows[t] = torch.cat([torch.arange(scene.static_state.shape[0],
+                                                    device=device),
+                                       scene.static_state.shape[0] + actors])
+        return self._rows[t]
 
     def accumulate(self, out, t: float) -> None:
         """Add the view-space gradients of a view rendered at time ``t``."""
         g = out.means2d.grad
         if g is None:
             return
-        scene = self.scene
-        ns = scene.static_state.shape[0]
-        # Rendered rows: static, then the actor rows visible at t (in state order).
-        _, visible = scene.actor_poses(t)
-        rows = torch.cat([torch.arange(ns, device=g.device),
-                          ns + visible.to(g.device)[scene.actor_index].nonzero().squeeze(1)])
+        rows = self._rendered_rows(t, g.device)
         n = len(rows)
         vis = out.visible[0, :n]
         # 3DGS thresholds the gradient w.r.t. NDC positions: d/d(ndc) = d/d(px) * size / 2.

@@ -34,9 +34,10 @@ MIN_ACTOR_PIXELS = 50
 DEPTH_RANGES_M = ((0.0, 20.0), (20.0, 40.0), (40.0, math.inf))
 
 
-def actor_mask(view: View, tracks: list[Track], depth: np.ndarray | None = None,
-               tolerance: float = 0.3) -> np.ndarray:
-    """[H, W] bool: pixels whose ray hits one of the tracks' boxes at the view's time.
+def actor_masks(view: View, tracks: list[Track], depth: np.ndarray | None = None,
+                tolerance: float = 0.3) -> dict[str, np.ndarray]:
+    """Track id -> [H, W] bool: pixels whose ray hits that track's box at the view's time
+    (tracks not observed then are left out).
 
     With ground-truth depth, a box hit counts only where it is not hidden (box z-depth
     <= ground-truth depth + tolerance).
@@ -45,9 +46,9 @@ def actor_mask(view: View, tracks: list[Track], depth: np.ndarray | None = None,
     u, v = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
     rays = np.stack([(u - view.K[0, 2]) / view.K[0, 0], (v - view.K[1, 2]) / view.K[1, 1],
                      np.ones_like(u)], -1).reshape(-1, 3)  # z = 1: t is z-depth
-    mask = np.zeros(H * W, dtype=bool)
     o_w = view.cam_to_world[:3, 3]
     d_w = rays @ view.cam_to_world[:3, :3].T
+    masks = {}
     for tr in tracks:
         if not tr.observed_at(view.timestamp, 0.15):
             continue
@@ -65,8 +66,17 @@ def actor_mask(view: View, tracks: list[Track], depth: np.ndarray | None = None,
         if depth is not None:
             gd = depth.reshape(-1)
             hit &= ~np.isfinite(gd) | (np.maximum(tnear, 0) <= gd + tolerance)
-        mask |= hit
-    return mask.reshape(H, W)
+        masks[tr.id] = hit.reshape(H, W)
+    return masks
+
+
+def actor_mask(view: View, tracks: list[Track], depth: np.ndarray | None = None,
+               tolerance: float = 0.3) -> np.ndarray:
+    """[H, W] bool: the union of :func:`actor_masks`."""
+    mask = np.zeros((view.height, view.width), dtype=bool)
+    for m in actor_masks(view, tracks, depth, tolerance).values():
+        mask |= m
+    return mask
 
 
 def _render(scene: NeuralScene, view: View, backend: str) -> tuple[Tensor, Tensor]:
@@ -122,20 +132,22 @@ def evaluate(scene: NeuralScene, log: LogSegment, *, backend: str = "auto",
                     range_err[k] += float(sq[sel].sum())
                     range_n[k] += int(sel.sum())
         if moving:
-            m = torch.from_numpy(actor_mask(v, moving, gt_depth))
+            sq_px = ((rgb - gt) ** 2).mean(-1)  # [H, W]
+            per_track = actor_masks(v, moving, gt_depth)
+            m = torch.zeros(sq_px.shape, dtype=torch.bool)
+            for tid, mt_np in per_track.items():
+                mt = torch.from_numpy(mt_np)
+                m |= mt
+                if int(mt.sum()) >= MIN_ACTOR_PIXELS:
+                    e = float(sq_px[mt].mean())
+                    by_track.setdefault(tid, []).append(10 * math.log10(1 / max(e, 1e-12)))
             if m.any():
-                err = float(((rgb - gt) ** 2)[m].sum()) / 3
+                err = float(sq_px[m].sum())
                 sq_err += err
                 n_actor += int(m.sum())
                 if int(m.sum()) >= MIN_ACTOR_PIXELS:
                     actor_psnrs.append(10 * math.log10(int(m.sum()) / max(err, 1e-12)))
                     actor_view_psnrs.append(psnrs[-1])
-                sq_px = ((rgb - gt) ** 2).mean(-1)
-                for tr in moving:
-                    mt = actor_mask(v, [tr], gt_depth)
-                    if int(mt.sum()) >= MIN_ACTOR_PIXELS:
-                        e = float(sq_px[torch.from_numpy(mt)].mean())
-                        by_track.setdefault(tr.id, []).append(10 * math.log10(1 / max(e, 1e-12)))
         done += 1
         if progress is not None:
             progress(done, total)
