@@ -5,17 +5,22 @@
    (moved into its object frame); the rest is static.
 3. Voxel-downsample each part to its budget (static: ``budget``; actors: their share);
    scales from nearest-neighbour distances (:mod:`recon.lidar_points`).
-4. Colours: project into the images, nearest camera of the point's own frame first, with
-   a depth test against a z-buffer of that frame's LiDAR so occluded points do not
-   take the colour of what hides them.
-5. Sky: a grid on a sphere beyond all LiDAR geometry, coloured from pixels that no LiDAR
-   return explains (above the highest projected return in their column).
+4. Colours: project into the source images (held-out frames never colour the scene),
+   nearest camera of the point's own frame first, with a depth test against a z-buffer
+   of that frame's LiDAR so occluded points do not take the colour of what hides them.
+5. Far field: pixels of the source views that no LiDAR return explains (above the
+   highest projected return in their column) and that look at most a few degrees above
+   the horizon are cast onto a sphere beyond LiDAR reach, voxel-downsampled to their
+   own budget and join the static background: distant facades and trees get Gaussians
+   of their own instead of being smeared into the sky or into the last LiDAR returns.
+6. Sky: a grid on a larger sphere, coloured from the unexplained pixels.
 A log without LiDAR fails with a clear error; a log without tracks gives a static-only
 scene.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,7 +56,8 @@ class InitConfig:
     """Initialisation settings.
 
     Attributes:
-        budget: static Gaussians at most (default: :func:`default_budget`).
+        budget: static Gaussians at most, far field included (default:
+            :func:`default_budget`).
         actor_budget: Gaussians per actor at most.
         actor_voxel: finest voxel for actors (m).
         min_actor_points: tracks with fewer LiDAR points stay out of the actor set.
@@ -60,6 +66,11 @@ class InitConfig:
         box_margin: xy margin (m) around a box when collecting its points.
         latent: latent channels L of the state.
         opacity: initial opacity of LiDAR Gaussians.
+        far_budget: the part of ``budget`` for what lies beyond LiDAR reach
+            (:func:`far_field_points`; None: a tenth; 0: none). They join the static
+            background.
+        far_elevation_deg: highest elevation of a far-field ray (the sky grid covers
+            what is above).
         sky_rows, sky_cols: sky grid size.
         seed: for subsampling.
     """
@@ -73,6 +84,8 @@ class InitConfig:
     latent: int = DEFAULT_LATENT
     opacity: float = 0.7
     sky_opacity: float = 0.95
+    far_budget: int | None = None
+    far_elevation_deg: float = 15.0
     sky_rows: int = 24
     sky_cols: int = 96
     seed: int = 0
@@ -113,6 +126,56 @@ def assign_to_tracks(cloud: LidarCloud, tracks: dict[str, Track], margin: float 
     return owner, local
 
 
+def unexplained_pixels(bank: ViewBank, v: int) -> Tensor | None:
+    """[H, W] bool: pixels of view v above the highest projected LiDAR return of their
+    column (sky, or geometry beyond LiDAR reach); None when no return lands in the view."""
+    zb = bank.zbuffer(v)
+    has = torch.isfinite(zb)
+    if not has.any():
+        return None
+    rows = torch.arange(zb.shape[0])[:, None].expand_as(has)
+    top = torch.where(has, rows, zb.shape[0]).min(0).values  # [W] first LiDAR row
+    return rows < (top[None] - 2)
+
+
+def far_field_points(bank: ViewBank, centre: np.ndarray, radius: float,
+                     max_elevation_deg: float, stride: int = 2) -> tuple[Tensor, Tensor]:
+    """Points for what the cameras see beyond LiDAR reach.
+
+    Every ``stride``-th pixel of each source view that no LiDAR return explains (see
+    :func:`unexplained_pixels`) and whose ray rises at most ``max_elevation_deg`` above
+    the horizon (far facades and trees; the sky grid covers what is higher) is cast onto
+    the sphere of ``radius`` around ``centre``.
+
+    Returns:
+        world points [P, 3] float32 and their frame positions [P] int64.
+    """
+    pts, frames = [], []
+    c = torch.from_numpy(np.asarray(centre, dtype=np.float64))
+    max_z = math.sin(math.radians(max_elevation_deg))
+    for v, (fi, im) in enumerate(bank.views):
+        mask = unexplained_pixels(bank, v)
+        if mask is None:
+            continue
+        cam = bank.camera(v)
+        vv, uu = mask[::stride, ::stride].nonzero(as_tuple=True)
+        pix = torch.stack([uu * stride + 0.5, vv * stride + 0.5, torch.ones(len(uu))], 1)
+        d = pix.double() @ torch.linalg.inv(torch.from_numpy(cam.K)).T
+        c2w = torch.from_numpy(im.cam_to_world)
+        d = d @ c2w[:3, :3].T
+        d = d / d.norm(dim=1, keepdim=True)
+        d = d[d[:, 2] <= max_z]
+        # Ray o + t d meets |p - c| = radius at the far root (o lies inside the sphere).
+        oc = c2w[:3, 3] - c
+        b = d @ oc
+        t = -b + (b * b - (oc @ oc - radius * radius)).clamp_min(0).sqrt()
+        pts.append((c2w[:3, 3] + t[:, None] * d).float())
+        frames.append(torch.full((len(d),), fi, dtype=torch.int64))
+    if not pts:
+        return torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(pts), torch.cat(frames)
+
+
 def sky_colors(bank: ViewBank, grid: SkyGrid) -> Tensor:
     """RGB [rows * cols, 3] for the sky grid from pixels no LiDAR return explains.
 
@@ -125,13 +188,9 @@ def sky_colors(bank: ViewBank, grid: SkyGrid) -> Tensor:
     all_sky: list[Tensor] = []
     for v, (_, im) in enumerate(bank.views):
         cam = bank.camera(v)
-        zb = bank.zbuffer(v)
-        has = torch.isfinite(zb)
-        rows = torch.arange(cam.height)[:, None].expand_as(has)
-        top = torch.where(has, rows, cam.height).min(0).values  # [W] first LiDAR row
-        if not has.any():
+        sky_mask = unexplained_pixels(bank, v)
+        if sky_mask is None:
             continue
-        sky_mask = rows < (top[None] - 2)
         img = torch.from_numpy(np.array(im.image())).float() / 255.0
         all_sky.append(img[sky_mask])
         # Directions at infinity: only the rotation matters.
@@ -176,8 +235,27 @@ def initialise_scene(log: LogSegment, config: InitConfig | None = None) -> Neura
     if not static.any():
         raise InitError(f"log {log.name!r}: every LiDAR point lies inside a track box; "
                         "nothing is left for the static background")
+    far_budget = cfg.budget // 10 if cfg.far_budget is None else cfg.far_budget
+    if not 0 <= far_budget < cfg.budget:
+        raise ValueError(f"InitConfig.far_budget must lie in [0, budget={cfg.budget}), "
+                         f"not {far_budget}")
     s_means, s_frame, s_scale = _part_gaussians(cloud.points[static], cloud.frame[static],
-                                                cfg.budget, 0.01, cfg.seed)
+                                                cfg.budget - far_budget, 0.01, cfg.seed)
+
+    # Sky and far field: centred on the drive, beyond every LiDAR return.
+    ego = np.stack([f.ego_to_world[:3, 3] for f in log.frames])
+    centre = ego.mean(0)
+    reach = float((cloud.points.double() - torch.from_numpy(centre)).norm(dim=1).max())
+    sky_radius = max(2.0 * reach, 200.0)
+    if far_budget > 0:
+        far, far_frame = far_field_points(bank, centre, (reach + sky_radius) / 2,
+                                          cfg.far_elevation_deg)
+        if len(far):
+            f_means, f_frame, f_scale = _part_gaussians(far, far_frame, far_budget, 0.01,
+                                                        cfg.seed)
+            s_means = torch.cat([s_means, f_means])
+            s_frame = torch.cat([s_frame, f_frame])
+            s_scale = torch.cat([s_scale, f_scale])
     s_colors = project_colors(bank, s_means, s_frame)
 
     a_anchor, a_scale, a_color, a_index = [], [], [], []
@@ -188,7 +266,9 @@ def initialise_scene(log: LogSegment, config: InitConfig | None = None) -> Neura
             continue
         means, last, scale = _part_gaussians(local[sel], cloud.frame[sel], cfg.actor_budget,
                                              cfg.actor_voxel, cfg.seed + k + 1)
-        # Colour each object-frame point where the actor was when that frame was taken.
+        # Colour each object-frame point where the actor was when the source frame it is
+        # coloured from was taken (held-out frames lend no colour).
+        last = bank.source_frame(last)
         times = np.array([log.frames[i].timestamp for i in last.tolist()])
         T = torch.from_numpy(tr.pose_at(times)).float()
         world = torch.einsum("nij,nj->ni", T[:, :3, :3], means) + T[:, :3, 3]
@@ -214,11 +294,7 @@ def initialise_scene(log: LogSegment, config: InitConfig | None = None) -> Neura
         actor_state = torch.zeros(0, 14 + cfg.latent)
         actor_index = torch.zeros(0, dtype=torch.int64)
 
-    # Sky: centred on the drive, well beyond every LiDAR return.
-    ego = np.stack([f.ego_to_world[:3, 3] for f in log.frames])
-    centre = ego.mean(0)
-    reach = float((cloud.points.double() - torch.from_numpy(centre)).norm(dim=1).max())
-    grid = SkyGrid(tuple(float(x) for x in centre), radius=max(2.0 * reach, 200.0),
+    grid = SkyGrid(tuple(float(x) for x in centre), radius=sky_radius,
                    rows=cfg.sky_rows, cols=cfg.sky_cols)
     sky_scales, sky_quats = grid.init_splats()
     sky_rgb = sky_colors(bank, grid)

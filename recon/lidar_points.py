@@ -9,8 +9,9 @@
 3. scale: isotropic, the RMS distance to the 3 nearest neighbours, found through a
    voxel hash (each voxel holds at most one centroid, so looking at the 26 neighbouring
    voxels is enough and costs O(points); no scipy, no N x N distances);
-4. colour: the pixel under the point in the nearest camera image (by distance to the
-   camera centre) that sees it, preferring images of the point's own frame so that
+4. colour: the pixel under the point in the nearest source camera image (by distance to
+   the camera centre; held-out images never colour anything) that sees it, preferring
+   images of the point's own frame so that
    moving things take colours from the right time, with a depth test against that
    frame's LiDAR z-buffer; grey where no camera sees it (:func:`project_colors`);
 5. identity rotations, opacity 0.7.
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from recon.views import is_source_position
 from scenes.geometry import invert_pose
 from scenes.log import LogSegment
 
@@ -105,15 +107,27 @@ def aggregate_lidar(log: LogSegment) -> LidarCloud:
 
 
 class ViewBank:
-    """Every (frame, camera) view of a log with projection helpers and LiDAR z-buffers."""
+    """Every source (frame, camera) view of a log with projection helpers and LiDAR
+    z-buffers.
+
+    Only source frames are kept (:func:`recon.views.is_source_position`): held-out images
+    are what a reconstruction is measured on, so they never colour it. LiDAR sweeps of
+    every frame still give geometry and z-buffers.
+    """
 
     def __init__(self, log: LogSegment, cloud: LidarCloud) -> None:
         self.log = log
-        self.views = [(fi, im) for fi, f in enumerate(log.frames) for im in f.images.values()]
+        self.views = [(fi, im) for fi, f in enumerate(log.frames) if is_source_position(fi)
+                      for im in f.images.values()]
         self.w2c = torch.tensor(np.stack([invert_pose(im.cam_to_world) for _, im in self.views]),
                                 dtype=torch.float64) if self.views else torch.zeros(0, 4, 4)
         self.cloud = cloud
         self._zbuf: dict[int, Tensor] = {}
+
+    @staticmethod
+    def source_frame(frame: Tensor) -> Tensor:
+        """[P] position of the source frame at or just before each frame position [P]."""
+        return frame - frame % 2
 
     def camera(self, v: int):
         return self.log.cameras[self.views[v][1].camera]
@@ -160,7 +174,8 @@ def project_colors(bank: ViewBank, points: Tensor, frame: Tensor) -> Tensor:
 
     A view qualifies when the point projects inside it in front of the camera and is not
     behind the view's LiDAR z-buffer (3% + 0.3 m tolerance). Views of the point's own frame
-    come first; only points none of them sees look at the other frames. Among qualifying
+    (or, for a held-out frame, the source frame before it) come first; only points none
+    of them sees look at the other frames. Among qualifying
     views, the nearest camera wins. Points no view sees stay grey.
     """
     P = len(points)
@@ -189,6 +204,7 @@ def project_colors(bank: ViewBank, points: Tensor, frame: Tensor) -> Tensor:
     views_of_frame: dict[int, list[int]] = {}
     for v, (fi, _) in enumerate(bank.views):
         views_of_frame.setdefault(fi, []).append(v)
+    frame = bank.source_frame(frame)
     for fi in frame.unique().tolist():
         idx = (frame == fi).nonzero().squeeze(1)
         for v in views_of_frame.get(fi, []):

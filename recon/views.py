@@ -51,6 +51,12 @@ class View:
         return torch.from_numpy(np.array(self.image())).to(device).float() / 255.0
 
 
+def is_source_position(pos: int) -> bool:
+    """Whether the frame at position ``pos`` of a log is a source frame (even positions);
+    the others are held out and must never inform a reconstruction."""
+    return pos % 2 == 0
+
+
 def log_views(log: LogSegment, parity: int | None = None) -> list[View]:
     """Recorded views of a log: ``parity`` 0 = even frames (source), 1 = odd (held-out).
 
@@ -60,7 +66,7 @@ def log_views(log: LogSegment, parity: int | None = None) -> list[View]:
     gt = log.ground_truth
     views = []
     for pos, f in enumerate(log.frames):
-        if parity is not None and pos % 2 != parity:
+        if parity is not None and is_source_position(pos) != (parity == 0):
             continue
         for name, im in f.images.items():
             cam = log.cameras[name]

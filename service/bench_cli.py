@@ -108,6 +108,9 @@ def bench_adam(
     height: int = 180,
     budget: Annotated[int, typer.Option(help="Static Gaussians at most.")] = 100_000,
     actors: Annotated[str, typer.Option(help="all | moving")] = "all",
+    far_budget: Annotated[int | None, typer.Option(
+        help="Far-field Gaussians beyond LiDAR reach (default: budget / 10; 0: none).")]
+    = None,
     iters: Annotated[int, typer.Option(help="Adam steps.")] = 3000,
     eval_every: Annotated[int, typer.Option(help="Evaluate every this many steps.")] = 250,
     max_views: Annotated[int | None, typer.Option(help="Held-out views per curve point "
@@ -126,7 +129,7 @@ def bench_adam(
     console = Console(stderr=True)
     res = bench_adam_curve(
         SyntheticConfig(seed=seed, frames=frames, width=width, height=height),
-        InitConfig(budget=budget, actors=actors),
+        InitConfig(budget=budget, actors=actors, far_budget=far_budget),
         AdamConfig(iters=iters, densify=densify, backend=backend),
         eval_every=eval_every, max_views=max_views,
         on_row=lambda r: console.print(f"step {r['step']:>6}  {r['wall_s']:>8.1f} s  "

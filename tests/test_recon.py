@@ -82,6 +82,31 @@ def test_scene_parts_and_actor_placement(log, scene):
     np.testing.assert_allclose(shift.double().numpy(), expected, atol=1e-3)
 
 
+def test_far_field_seeds_what_lidar_cannot_reach(log, scene):
+    """A tenth of the static budget goes beyond every LiDAR return, coloured from the
+    source pixels it was cast from; far_budget=0 leaves only LiDAR Gaussians."""
+    cloud = aggregate_lidar(log)
+    centre = np.stack([f.ego_to_world[:3, 3] for f in log.frames]).mean(0)
+    reach = float((cloud.points.double() - torch.from_numpy(centre)).norm(dim=1).max())
+
+    def beyond(sc):
+        return (sc.static_anchors.double() - torch.from_numpy(centre)).norm(dim=1) > reach
+
+    far = beyond(scene)
+    assert 0 < int(far.sum()) <= SMALL_INIT.budget // 10
+    assert scene.num_gaussians["static"] <= SMALL_INIT.budget
+    # Far Gaussians look no higher than the elevation limit, seen from the drive centre.
+    d = scene.static_anchors[far].double() - torch.from_numpy(centre)
+    elevation = torch.rad2deg(torch.asin(d[:, 2] / d.norm(dim=1)))
+    assert float(elevation.max()) < SMALL_INIT.far_elevation_deg + 2.0
+    colors = scene.splats(0.0)[0].colors[: scene.num_gaussians["static"]][far]
+    assert (colors - 0.5).abs().amax(1).gt(1e-3).float().mean() > 0.9  # seen, not grey
+    none = initialise_scene(log, dataclasses.replace(SMALL_INIT, far_budget=0))
+    assert not beyond(none).any()
+    with pytest.raises(ValueError, match="far_budget"):
+        initialise_scene(log, dataclasses.replace(SMALL_INIT, far_budget=SMALL_INIT.budget))
+
+
 def test_initial_render_resembles_the_images(log, scene):
     v = source_views(log)[0]
     with torch.no_grad():
@@ -160,6 +185,30 @@ def test_parked_cars_can_stay_static(log):
     assert scene.actor_ids and all(log.tracks[a].is_moving for a in scene.actor_ids)
     with pytest.raises(ValueError, match="actors"):
         initialise_scene(log, dataclasses.replace(SMALL_INIT, actors="some"))
+
+
+def test_heldout_images_never_inform_the_initialisation(log, scene):
+    """Blacking out every held-out image leaves the initial scene bit-identical; blacking
+    out a source image changes it (so the comparison can fail)."""
+    from scenes.log import ImageSource
+
+    def blacked(positions):
+        frames = []
+        for pos, f in enumerate(log.frames):
+            if pos in positions:
+                images = {n: dataclasses.replace(
+                    im, source=ImageSource.from_array(np.zeros_like(im.image())))
+                    for n, im in f.images.items()}
+                f = dataclasses.replace(f, images=images)
+            frames.append(f)
+        return dataclasses.replace(log, frames=frames)
+
+    odd = set(range(1, len(log.frames), 2))
+    same = initialise_scene(blacked(odd), SMALL_INIT)
+    for name in ("static_state", "actor_state", "sky_state"):
+        assert torch.equal(getattr(same, name), getattr(scene, name)), name
+    changed = initialise_scene(blacked({0}), SMALL_INIT)
+    assert not torch.equal(changed.static_state, scene.static_state)
 
 
 def test_log_without_lidar_fails_clearly():
