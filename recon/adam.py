@@ -33,6 +33,7 @@ from torch import Tensor
 
 from recon.metrics import ssim
 from recon.neural import COLOR, LOG_SCALE, OPACITY, POS, QUAT, NeuralScene
+from recon.render.api import RASTERIZE_MODES
 from recon.render.projection import quat_scale_to_matrix
 from recon.views import render_view, source_views
 from scenes.log import LogSegment
@@ -63,6 +64,9 @@ class AdamConfig:
     max_gaussians: int = 400_000
     seed: int = 0
     backend: str = "auto"
+    # Antialiased (Mip-Splatting's 2D filter): actors seen both at 5 m and at 60 m keep
+    # one appearance; classic swells their sub-pixel splats when they are far.
+    rasterize_mode: str = "antialiased"
 
 
 @dataclass
@@ -129,7 +133,8 @@ def optimise_adam(scene: NeuralScene, log: LogSegment, config: AdamConfig | None
                   eval_hook: Callable[[int, float], dict | None] | None = None,
                   eval_every: int = 0, should_stop: Callable[[], bool] | None = None
                   ) -> AdamResult:
-    """Optimise ``scene`` in place on the log's source views.
+    """Optimise ``scene`` in place on the log's source views; the scene takes the
+    config's rasterize mode (it is then saved and rendered in that mode).
 
     Args:
         progress: called as ``progress(step, total, loss)``.
@@ -138,6 +143,10 @@ def optimise_adam(scene: NeuralScene, log: LogSegment, config: AdamConfig | None
         should_stop: polled every step (cancellation).
     """
     cfg = config or AdamConfig()
+    if cfg.rasterize_mode not in RASTERIZE_MODES:
+        raise ValueError(f"AdamConfig.rasterize_mode must be one of {RASTERIZE_MODES}, not "
+                         f"{cfg.rasterize_mode!r}")
+    scene.rasterize_mode = cfg.rasterize_mode
     views = source_views(log)
     if not views:
         raise ValueError(f"log {log.name!r} has no source views (even frames with images)")

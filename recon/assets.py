@@ -4,7 +4,8 @@ Layout of a scene directory::
 
     manifest.json        schema version, source log, world/time offsets, cameras, frames
                          (ego and camera poses), tracks (per-keyframe poses), actors (file,
-                         Gaussian count), sky grid, metrics, method, checkpoint hash, counts
+                         Gaussian count), sky grid, rasterize mode, metrics, method, checkpoint
+                         hash, counts
     static.ply           standard 3DGS PLY of the decoded static Gaussians, world frame
     actors/<track>.ply   one per actor, object frame (file names sanitised, see manifest)
     sky.ply              decoded sky Gaussians, world frame
@@ -46,6 +47,7 @@ import torch
 from torch import Tensor
 
 from recon.neural import NeuralScene, SkyGrid, Splats
+from recon.render.api import RASTERIZE_MODES
 from scenes.geometry import invert_pose
 from scenes.log import CameraModel, LogSegment, Track
 
@@ -273,6 +275,7 @@ def build_manifest(scene: NeuralScene, log: LogSegment, actor_files: dict[str, s
                     "gaussians": int(per_actor[i])}
                    for i, tid in enumerate(scene.actor_ids)],
         "sky": scene.sky.to_json(),
+        "rasterize_mode": scene.rasterize_mode,
         "latent": int(scene.latent),
         "channels": int(scene.channels),
         "counts": {**{k: int(v) for k, v in counts.items()},
@@ -504,6 +507,10 @@ def read_manifest(scene_dir: str | Path) -> dict:
                                      f"reads {list(SUPPORTED_SCHEMA_VERSIONS)}).")
     _require(manifest, path, "world_offset", "cameras", "frames", "tracks", "actors", "sky",
              "files")
+    mode = manifest.get("rasterize_mode", "classic")
+    if mode not in RASTERIZE_MODES:
+        raise SceneFormatError(path, f"rasterize_mode {mode!r} is not one of "
+                                     f"{list(RASTERIZE_MODES)}.")
     return manifest
 
 
@@ -577,7 +584,9 @@ def load_scene(scene_dir: str | Path, *, verify: bool = True) -> LoadedScene:
         scene = NeuralScene(state["static_anchors"], state["static_state"],
                             state["actor_anchors"], state["actor_state"],
                             state["actor_index"], {a: tracks[a] for a in actor_ids}, sky,
-                            state["sky_state"])
+                            state["sky_state"],
+                            # Scenes written before the field existed were classic.
+                            rasterize_mode=manifest.get("rasterize_mode", "classic"))
         # Overwrites everything the constructor derived (sky anchors, decoders) with the
         # saved values, so decoding is bit-identical.
         scene.load_state_dict(state, strict=True)

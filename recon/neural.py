@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from recon.render.api import RASTERIZE_MODES
 from scenes.log import Track
 
 BASE_CHANNELS = 14
@@ -233,12 +234,19 @@ class NeuralScene(nn.Module):
         actor_anchors [Na, 3] object frame (buffer), actor_state [Na, C], actor_index
         [Na] long into ``actor_ids``; sky_anchors [Hs*Ws, 3] (buffer), sky_state
         [Hs, Ws, C].
+
+    ``rasterize_mode`` ("classic" | "antialiased", see :func:`recon.render.rasterize`)
+    is part of the scene: it is rendered in the mode it was optimised in.
     """
 
     def __init__(self, static_anchors: Tensor, static_state: Tensor, actor_anchors: Tensor,
                  actor_state: Tensor, actor_index: Tensor, tracks: dict[str, Track],
-                 sky: SkyGrid, sky_state: Tensor) -> None:
+                 sky: SkyGrid, sky_state: Tensor, rasterize_mode: str = "classic") -> None:
         super().__init__()
+        if rasterize_mode not in RASTERIZE_MODES:
+            raise ValueError(f"rasterize_mode must be one of {RASTERIZE_MODES}, not "
+                             f"{rasterize_mode!r}")
+        self.rasterize_mode = rasterize_mode
         C = static_state.shape[1]
         if actor_state.shape[1] != C or sky_state.shape[-1] != C:
             raise ValueError("static, actor and sky states must have the same channel count")

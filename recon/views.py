@@ -116,4 +116,5 @@ def render_view(scene: NeuralScene, view: View, *, edits: dict[str, ActorEdit] |
     viewmat = torch.from_numpy(invert_pose(view.cam_to_world)).float().to(device)[None]
     Ks = torch.from_numpy(K).float().to(device)[None]
     return rasterize(splats.means, splats.quats, splats.scales, splats.opacities,
-                     splats.colors, viewmat, Ks, W, H, backend=backend)
+                     splats.colors, viewmat, Ks, W, H, backend=backend,
+                     rasterize_mode=scene.rasterize_mode)

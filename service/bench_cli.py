@@ -117,6 +117,8 @@ def bench_adam(
                                                        "(evenly spaced subset).")] = 12,
     densify: Annotated[bool, typer.Option(help="3DGS densify/prune (static and actors).")]
     = False,
+    rasterize_mode: Annotated[str, typer.Option(help="antialiased | classic")]
+    = "antialiased",
     backend: str = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -130,7 +132,8 @@ def bench_adam(
     res = bench_adam_curve(
         SyntheticConfig(seed=seed, frames=frames, width=width, height=height),
         InitConfig(budget=budget, actors=actors, far_budget=far_budget),
-        AdamConfig(iters=iters, densify=densify, backend=backend),
+        AdamConfig(iters=iters, densify=densify, backend=backend,
+                   rasterize_mode=rasterize_mode),
         eval_every=eval_every, max_views=max_views,
         on_row=lambda r: console.print(f"step {r['step']:>6}  {r['wall_s']:>8.1f} s  "
                                        f"PSNR {r['psnr']:.2f}  SSIM {r['ssim']:.3f}"))

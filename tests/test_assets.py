@@ -116,6 +116,33 @@ def test_render_of_loaded_scene_equals_original(scene: NeuralScene, loaded: Load
     assert outs[0].alpha.max() > 0.5  # something was actually drawn
 
 
+def test_rasterize_mode_travels_with_the_scene(tmp_path: Path, scene: NeuralScene,
+                                               log: LogSegment) -> None:
+    """A scene optimised antialiased is loaded and rendered antialiased (render_view
+    follows the scene); scenes without the field load as classic."""
+    from recon.views import render_view, source_views
+
+    scene.rasterize_mode = "antialiased"
+    try:
+        out = save_scene(scene, tmp_path / "aa", log=log)
+    finally:
+        scene.rasterize_mode = "classic"
+    back = load_scene(out)
+    assert back.manifest["rasterize_mode"] == "antialiased"
+    assert back.scene.rasterize_mode == "antialiased"
+    v = source_views(log)[1]
+    with torch.no_grad():
+        aa = render_view(back.scene, v, backend="torch").rgb
+        classic = render_view(scene, v, backend="torch").rgb
+        back.scene.rasterize_mode = "classic"
+        assert torch.equal(render_view(back.scene, v, backend="torch").rgb, classic)
+    assert not torch.equal(aa, classic)
+    m = json.loads((out / "manifest.json").read_text())
+    del m["rasterize_mode"]
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert load_scene(out, verify=False).scene.rasterize_mode == "classic"
+
+
 def _ply_checks(path: Path, expect: Splats, *, max_scale: float) -> None:
     ply = PlyData.read(str(path))
     assert [e.name for e in ply.elements] == ["vertex"]
@@ -322,6 +349,10 @@ def test_bad_inputs_raise_scene_format_error(tmp_path: Path, saved: Path) -> Non
         load_scene(d)
     (d / "manifest.json").write_text(json.dumps({k: v for k, v in m.items() if k != "frames"}))
     with pytest.raises(SceneFormatError, match=r"manifest\.json.*'frames'"):
+        load_scene(d)
+
+    (d / "manifest.json").write_text(json.dumps({**m, "rasterize_mode": "mip"}))
+    with pytest.raises(SceneFormatError, match=r"manifest\.json.*rasterize_mode 'mip'"):
         load_scene(d)
 
     d = _copy(saved, tmp_path / "d")

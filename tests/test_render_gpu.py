@@ -29,9 +29,10 @@ def _scene(seed: int, n: int = 400):
     return [t.cuda() for t in scene]
 
 
-def _grads(scene, backend, weights):
+def _grads(scene, backend, weights, mode="classic"):
     params = [t.clone().requires_grad_(True) for t in scene[:5]]
-    out = rasterize(*params, *scene[5:], W * 4, H * 4, NEAR, FAR, backend=backend)
+    out = rasterize(*params, *scene[5:], W * 4, H * 4, NEAR, FAR, backend=backend,
+                    rasterize_mode=mode)
     loss = (out.rgb * weights[0]).sum() + (out.alpha * weights[1]).sum()
     grads = torch.autograd.grad(loss, params)
     return out, grads
@@ -53,12 +54,12 @@ def test_torch_backend_cuda_matches_cpu():
 
 
 @needs_gsplat
-@pytest.mark.parametrize("seed", [0, 1])
-def test_torch_backend_matches_gsplat(seed):
+@pytest.mark.parametrize("seed,mode", [(0, "classic"), (1, "classic"), (0, "antialiased")])
+def test_torch_backend_matches_gsplat(seed, mode):
     scene = _scene(seed)
     w = _weights(seed)
-    ours, g_ours = _grads(scene, "torch", w)
-    theirs, g_theirs = _grads(scene, "gsplat", w)
+    ours, g_ours = _grads(scene, "torch", w, mode)
+    theirs, g_theirs = _grads(scene, "gsplat", w, mode)
     assert theirs.backend == "gsplat" and ours.stats["pairs_composited"] > 10_000
     for a, b in ((ours.rgb, theirs.rgb), (ours.alpha, theirs.alpha)):
         assert (a - b).abs().max() < 1e-3

@@ -13,6 +13,8 @@ from recon.render.projection import project_gaussians
 from recon.render.torch_backend import DEFAULT_MAX_PAIRS_PER_CHUNK, rasterize_torch
 
 Backend = Literal["auto", "torch", "gsplat"]
+RasterizeMode = Literal["classic", "antialiased"]
+RASTERIZE_MODES = ("classic", "antialiased")
 BACKENDS: tuple[str, ...] = ("auto", "torch", "gsplat")
 
 #: Floor of the alpha that divides accumulated depth (gsplat's "ED" mode uses the same).
@@ -106,6 +108,7 @@ def rasterize(
     backgrounds: Tensor | None = None,
     backend: Backend = "auto",
     *,
+    rasterize_mode: RasterizeMode = "classic",
     max_pairs_per_chunk: int = DEFAULT_MAX_PAIRS_PER_CHUNK,
 ) -> RenderOutput:
     """Render 3D Gaussians into C pinhole views, differentiably.
@@ -130,6 +133,10 @@ def rasterize(
         backgrounds: [C, D] colour behind the Gaussians (default black).
         backend: "torch" (CPU or CUDA), "gsplat" (CUDA), or "auto" (gsplat when the
             tensors are on CUDA and gsplat is installed).
+        rasterize_mode: "classic", or "antialiased" (gsplat's mode, Mip-Splatting's 2D
+            filter): opacities are multiplied by sqrt(det(cov2d) / det(cov2d + 0.3 I)),
+            so splats smaller than a pixel do not swell to the filter's size; use it
+            for scenes seen both near and far.
         max_pairs_per_chunk: torch backend only: Gaussian-pixel pairs evaluated per
             depth batch, which bounds temporary memory (smaller batches skip more
             saturated pixels but pay more per-batch overhead).
@@ -139,12 +146,15 @@ def rasterize(
         [C, H, W, 1] and per-(view, Gaussian) radii / means2d / depths.
     """
     _check_shapes(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds)
+    if rasterize_mode not in RASTERIZE_MODES:
+        raise ValueError(f"rasterize_mode must be one of {RASTERIZE_MODES}, not "
+                         f"{rasterize_mode!r}")
     which = resolve_backend(backend, means.device)
     C = viewmats.shape[0]
     if which == "gsplat":
         rgb, alpha, depth, radii, means2d, depths, stats = rasterize_gsplat(
             means, quats, scales, opacities, colors, viewmats, Ks, width, height, near, far,
-            backgrounds)
+            backgrounds, rasterize_mode)
         return RenderOutput(rgb, alpha, depth, radii, means2d, depths, "gsplat", stats)
 
     proj = project_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height,
@@ -155,6 +165,8 @@ def rasterize(
     # Depth and a constant 1 ride along as extra channels: their composites are the
     # accumulated depth and the pixel alpha.
     features = torch.cat([per_view, proj.depths[..., None].to(colors.dtype), ones], dim=-1)
+    if rasterize_mode == "antialiased":
+        opacities = opacities[None] * proj.compensations
     image, stats = rasterize_torch(proj, opacities, features, width, height,
                                    max_pairs_per_chunk=max_pairs_per_chunk)
     rgb = image[..., :D]

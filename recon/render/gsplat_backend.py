@@ -36,6 +36,7 @@ def rasterize_gsplat(
     near: float,
     far: float,
     backgrounds: Tensor | None,
+    rasterize_mode: str = "classic",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, dict[str, int]]:
     """Render with gsplat; same arguments as :func:`recon.render.rasterize`.
 
@@ -51,7 +52,7 @@ def rasterize_gsplat(
     render, alpha, meta = rasterization(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height,
         near_plane=near, far_plane=far, radius_clip=0.0, eps2d=EPS2D, packed=True,
-        backgrounds=backgrounds, render_mode="RGB+ED", rasterize_mode="classic",
+        backgrounds=backgrounds, render_mode="RGB+ED", rasterize_mode=rasterize_mode,
         sparse_grad=False, absgrad=False,
     )
     rgb = render[..., :D]

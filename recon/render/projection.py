@@ -9,6 +9,9 @@ Gaussians:
   view widened by 30 % of the half-FOV tangent on each side (keeps splats that hang far
   off-screen from blowing up);
 * 0.3 px^2 is added to the 2D covariance diagonal (``eps2d``, a low-pass filter);
+  ``compensations`` = sqrt(det(cov2d) / det(cov2d + eps2d I)) is what gsplat's
+  antialiased mode (Mip-Splatting's 2D filter) multiplies opacities by, so a splat
+  smaller than a pixel keeps its true coverage instead of growing to the filter's size;
 * extent: ``min(3.33, sqrt(2 ln(255 o)))`` standard deviations along each axis (beyond it
   ``o * exp(-q/2)`` falls below 1/255), radius rounded up to whole pixels;
 * opacity under 1/255, a non-positive 2D determinant or a box entirely outside the
@@ -48,6 +51,7 @@ class Projection:
         depths: [C, N] camera-space z.
         radii: [C, N, 2] int32 extent in pixels along x and y; 0 where culled.
         valid: [C, N] bool, False where culled.
+        compensations: [C, N] opacity factor of the antialiased mode, in (0, 1].
     """
 
     means2d: Tensor
@@ -55,6 +59,7 @@ class Projection:
     depths: Tensor
     radii: Tensor
     valid: Tensor
+    compensations: Tensor
 
 
 def quat_scale_to_matrix(quats: Tensor, scales: Tensor) -> Tensor:
@@ -144,6 +149,8 @@ def project_gaussians(
     ok_det = det > 0
     dets = torch.where(ok_det, det, torch.ones_like(det))
     conics = torch.stack([c / dets, -b / dets, a / dets], dim=-1)
+    # Floor keeps sqrt's gradient finite for splats seen exactly edge-on.
+    comp = torch.sqrt(((a - EPS2D) * (c - EPS2D) - b * b).clamp_min(1e-12) / dets)
 
     with torch.no_grad():
         o = opacities.detach()[None].expand_as(z)
@@ -158,4 +165,5 @@ def project_gaussians(
         radii = torch.stack([rx, ry], dim=-1)
         radii = torch.where(valid[..., None], radii, torch.zeros_like(radii)).to(torch.int32)
 
-    return Projection(means2d=means2d, conics=conics, depths=z, radii=radii, valid=valid)
+    return Projection(means2d=means2d, conics=conics, depths=z, radii=radii, valid=valid,
+                      compensations=comp.clamp_max(1.0))

@@ -312,7 +312,7 @@ def rasterize_torch(
 
     Args:
         proj: projection of N Gaussians into C cameras.
-        opacities: [N]
+        opacities: [N], or [C, N] per view (the antialiased mode's compensated ones)
         features: [C, N, F] per-view features to composite (callers append depth and a
             constant 1 whose composite is the pixel alpha).
         width, height: image size.
@@ -341,7 +341,8 @@ def rasterize_torch(
         y0 = torch.floor(m2d[:, 1] - rad[:, 1]).clamp(0, height).long()
         y1 = torch.ceil(m2d[:, 1] + rad[:, 1]).clamp(0, height).long()
         cam_start = torch.searchsorted(vc, torch.arange(C + 1, device=device)).tolist()
-        o_vis = opacities.detach()[vn]
+        o_vis = (opacities.detach()[vc, vn] if opacities.dim() == 2 else
+                 opacities.detach()[vn])
         log_o = torch.log(o_vis)
         thr = (2.0 * torch.log(o_vis / ALPHA_THRESHOLD)).clamp(0, MAX_EXTENT_SIGMA**2)
 
@@ -350,7 +351,7 @@ def rasterize_torch(
     co = proj.conics[vc, vn]
     mx, my = m2[:, 0].contiguous(), m2[:, 1].contiguous()
     ca, cb, cc = (co[:, k].contiguous() for k in range(3))
-    op = opacities[vn]
+    op = opacities[vc, vn] if opacities.dim() == 2 else opacities[vn]
     feat = features[vc, vn]  # [V, F]
 
     # Keep per-pair state for the backward only when one can follow.
