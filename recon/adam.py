@@ -33,7 +33,6 @@ from torch import Tensor
 
 from recon.metrics import ssim
 from recon.neural import COLOR, LOG_SCALE, OPACITY, POS, QUAT, NeuralScene
-from recon.render.api import RASTERIZE_MODES
 from recon.render.projection import quat_scale_to_matrix
 from recon.views import render_view, source_views
 from scenes.log import LogSegment
@@ -143,10 +142,7 @@ def optimise_adam(scene: NeuralScene, log: LogSegment, config: AdamConfig | None
         should_stop: polled every step (cancellation).
     """
     cfg = config or AdamConfig()
-    if cfg.rasterize_mode not in RASTERIZE_MODES:
-        raise ValueError(f"AdamConfig.rasterize_mode must be one of {RASTERIZE_MODES}, not "
-                         f"{cfg.rasterize_mode!r}")
-    scene.rasterize_mode = cfg.rasterize_mode
+    scene.rasterize_mode = cfg.rasterize_mode  # validated by the scene
     views = source_views(log)
     if not views:
         raise ValueError(f"log {log.name!r} has no source views (even frames with images)")

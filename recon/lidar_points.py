@@ -11,9 +11,9 @@
    voxels is enough and costs O(points); no scipy, no N x N distances);
 4. colour: the pixel under the point in the nearest source camera image (by distance to
    the camera centre; held-out images never colour anything) that sees it, preferring
-   images of the point's own frame so that
-   moving things take colours from the right time, with a depth test against that
-   frame's LiDAR z-buffer; grey where no camera sees it (:func:`project_colors`);
+   images of the point's own frame so that moving things take colours from the right
+   time, with a depth test against that frame's LiDAR z-buffer; grey where no camera
+   sees it (:func:`project_colors`);
 5. identity rotations, opacity 0.7.
 
 Actor/static splitting and sky seeding belong to the full initialisation
@@ -127,7 +127,7 @@ class ViewBank:
     @staticmethod
     def source_frame(frame: Tensor) -> Tensor:
         """[P] position of the source frame at or just before each frame position [P]."""
-        return frame - frame % 2
+        return torch.where(is_source_position(frame), frame, frame - 1)
 
     def camera(self, v: int):
         return self.log.cameras[self.views[v][1].camera]

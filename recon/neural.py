@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from recon.render.api import RASTERIZE_MODES
+from recon.render.api import check_rasterize_mode
 from scenes.log import Track
 
 BASE_CHANNELS = 14
@@ -243,9 +243,6 @@ class NeuralScene(nn.Module):
                  actor_state: Tensor, actor_index: Tensor, tracks: dict[str, Track],
                  sky: SkyGrid, sky_state: Tensor, rasterize_mode: str = "classic") -> None:
         super().__init__()
-        if rasterize_mode not in RASTERIZE_MODES:
-            raise ValueError(f"rasterize_mode must be one of {RASTERIZE_MODES}, not "
-                             f"{rasterize_mode!r}")
         self.rasterize_mode = rasterize_mode
         C = static_state.shape[1]
         if actor_state.shape[1] != C or sky_state.shape[-1] != C:
@@ -267,6 +264,14 @@ class NeuralScene(nn.Module):
         self.static_decoder = StateDecoder(C)
         self.actor_decoder = StateDecoder(C)
         self.sky_decoder = StateDecoder(C)
+
+    @property
+    def rasterize_mode(self) -> str:
+        return self._rasterize_mode
+
+    @rasterize_mode.setter
+    def rasterize_mode(self, mode: str) -> None:
+        self._rasterize_mode = check_rasterize_mode(mode)
 
     @property
     def latent(self) -> int:

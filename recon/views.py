@@ -51,9 +51,10 @@ class View:
         return torch.from_numpy(np.array(self.image())).to(device).float() / 255.0
 
 
-def is_source_position(pos: int) -> bool:
-    """Whether the frame at position ``pos`` of a log is a source frame (even positions);
-    the others are held out and must never inform a reconstruction."""
+def is_source_position(pos):
+    """Whether the frame at position ``pos`` (an int, or an int tensor elementwise) of a
+    log is a source frame (even positions); the others are held out and must never
+    inform a reconstruction."""
     return pos % 2 == 0
 
 

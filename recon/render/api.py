@@ -15,6 +15,13 @@ from recon.render.torch_backend import DEFAULT_MAX_PAIRS_PER_CHUNK, rasterize_to
 Backend = Literal["auto", "torch", "gsplat"]
 RasterizeMode = Literal["classic", "antialiased"]
 RASTERIZE_MODES = ("classic", "antialiased")
+
+
+def check_rasterize_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`RASTERIZE_MODES`, else ValueError naming it."""
+    if mode not in RASTERIZE_MODES:
+        raise ValueError(f"rasterize_mode must be one of {RASTERIZE_MODES}, not {mode!r}")
+    return mode
 BACKENDS: tuple[str, ...] = ("auto", "torch", "gsplat")
 
 #: Floor of the alpha that divides accumulated depth (gsplat's "ED" mode uses the same).
@@ -146,9 +153,7 @@ def rasterize(
         [C, H, W, 1] and per-(view, Gaussian) radii / means2d / depths.
     """
     _check_shapes(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds)
-    if rasterize_mode not in RASTERIZE_MODES:
-        raise ValueError(f"rasterize_mode must be one of {RASTERIZE_MODES}, not "
-                         f"{rasterize_mode!r}")
+    check_rasterize_mode(rasterize_mode)
     which = resolve_backend(backend, means.device)
     C = viewmats.shape[0]
     if which == "gsplat":
@@ -158,7 +163,7 @@ def rasterize(
         return RenderOutput(rgb, alpha, depth, radii, means2d, depths, "gsplat", stats)
 
     proj = project_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height,
-                             near, far)
+                             near, far, antialiased=rasterize_mode == "antialiased")
     N, D = means.shape[0], colors.shape[-1]
     per_view = colors if colors.dim() == 3 else colors[None].expand(C, N, D)
     ones = torch.ones(C, N, 1, dtype=colors.dtype, device=colors.device)

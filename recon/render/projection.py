@@ -51,7 +51,8 @@ class Projection:
         depths: [C, N] camera-space z.
         radii: [C, N, 2] int32 extent in pixels along x and y; 0 where culled.
         valid: [C, N] bool, False where culled.
-        compensations: [C, N] opacity factor of the antialiased mode, in (0, 1].
+        compensations: [C, N] opacity factor of the antialiased mode, in (0, 1]; None
+            unless asked for.
     """
 
     means2d: Tensor
@@ -59,7 +60,7 @@ class Projection:
     depths: Tensor
     radii: Tensor
     valid: Tensor
-    compensations: Tensor
+    compensations: Tensor | None = None
 
 
 def quat_scale_to_matrix(quats: Tensor, scales: Tensor) -> Tensor:
@@ -96,6 +97,7 @@ def project_gaussians(
     height: int,
     near: float,
     far: float,
+    antialiased: bool = False,
 ) -> Projection:
     """Project N Gaussians into C pinhole cameras.
 
@@ -149,8 +151,10 @@ def project_gaussians(
     ok_det = det > 0
     dets = torch.where(ok_det, det, torch.ones_like(det))
     conics = torch.stack([c / dets, -b / dets, a / dets], dim=-1)
-    # Floor keeps sqrt's gradient finite for splats seen exactly edge-on.
-    comp = torch.sqrt(((a - EPS2D) * (c - EPS2D) - b * b).clamp_min(1e-12) / dets)
+    comp = None
+    if antialiased:  # floor keeps sqrt's gradient finite for splats seen exactly edge-on
+        comp = torch.sqrt(((a - EPS2D) * (c - EPS2D) - b * b).clamp_min(1e-12) / dets)
+        comp = comp.clamp_max(1.0)
 
     with torch.no_grad():
         o = opacities.detach()[None].expand_as(z)
@@ -166,4 +170,4 @@ def project_gaussians(
         radii = torch.where(valid[..., None], radii, torch.zeros_like(radii)).to(torch.int32)
 
     return Projection(means2d=means2d, conics=conics, depths=z, radii=radii, valid=valid,
-                      compensations=comp.clamp_max(1.0))
+                      compensations=comp)
