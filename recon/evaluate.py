@@ -36,11 +36,13 @@ DEPTH_RANGES_M = ((0.0, 20.0), (20.0, 40.0), (40.0, math.inf))
 
 def actor_masks(view: View, tracks: list[Track], depth: np.ndarray | None = None,
                 tolerance: float = 0.3) -> dict[str, np.ndarray]:
-    """Track id -> [H, W] bool: pixels whose ray hits that track's box at the view's time
+    """Track id -> [H, W] bool: the pixels that show each track at the view's time
     (tracks not observed then are left out).
 
-    With ground-truth depth, a box hit counts only where it is not hidden (box z-depth
-    <= ground-truth depth + tolerance).
+    Without ground-truth depth this is the box's silhouette. With it, only pixels whose
+    ground-truth surface lies inside the box (z-depth between the ray's box entry and
+    exit, +- tolerance): the actor itself, not what is seen past it through the
+    silhouette, nor what hides it.
     """
     H, W = view.height, view.width
     u, v = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
@@ -65,7 +67,8 @@ def actor_masks(view: View, tracks: list[Track], depth: np.ndarray | None = None
         hit = (tnear <= tfar) & (tfar > 0)
         if depth is not None:
             gd = depth.reshape(-1)
-            hit &= ~np.isfinite(gd) | (np.maximum(tnear, 0) <= gd + tolerance)
+            hit &= (np.isfinite(gd) & (np.maximum(tnear, 0) - tolerance <= gd)
+                    & (gd <= tfar + tolerance))
         masks[tr.id] = hit.reshape(H, W)
     return masks
 

@@ -37,7 +37,7 @@ from scenes.log import (
     Track,
     recentre,
 )
-from scenes.street import _REFLECTIVITY, SKY, Street, build_street
+from scenes.street import _REFLECTIVITY, SKY, Hits, Street, build_street
 
 #: Seeds reserved for evaluation; training must never use them.
 EVAL_SEEDS: tuple[int, ...] = tuple(range(0, 1000))
@@ -66,6 +66,11 @@ DEFAULT_CAMERAS = ("front_camera", "front_left_camera", "front_right_camera")
 
 LIDAR_HEIGHT = 1.9  # m above the road: the ego origin
 FPS = 10.0
+# Sub-pixel sample offsets [S, 2] (px from the pixel centre): the centre, then a rotated
+# 4-sample grid, the pattern GPUs use for 4x supersampling.
+PIXEL_SAMPLES = np.array([[0.0, 0.0], [-0.125, -0.375], [0.375, -0.125], [0.125, 0.375],
+                          [-0.375, 0.125]])
+AA_CONTRAST = 0.02  # colour step (of 1) above which a pixel is supersampled
 
 
 def camera_name(name: str) -> str:
@@ -99,6 +104,8 @@ class SyntheticConfig:
         shifts_m: lateral shift distances for held-out ground truth (both directions
             where the shifted ego stays on the carriageway and clear of vehicles).
         jpeg_quality: images are recorded as JPEG of this quality (None: raw renders).
+        antialias: supersample pixels where the image changes (outlines, texture edges),
+            as a real lens integrates over the pixel; off: one ray per pixel centre.
     """
 
     seed: int = 0
@@ -117,6 +124,7 @@ class SyntheticConfig:
     lidar_noise: float = 0.01
     shifts_m: tuple[float, ...] = (1.0, 2.0, 3.0)
     jpeg_quality: int | None = 95
+    antialias: bool = True
 
     def __post_init__(self) -> None:
         if self.frames < 1:
@@ -191,19 +199,45 @@ class SyntheticRecorder:
                ) -> tuple[np.ndarray, np.ndarray]:
         """Render one pinhole view.
 
+        Without antialiasing one ray samples each pixel centre. With it, pixels where the
+        image changes (an outline, a texture edge) get four more rays on a rotated grid
+        and average all five, the way a lens integrates light over the pixel; flat pixels
+        keep their centre sample. Depth is always the pixel centre's.
+
         Returns:
             rgb [H, W, 3] uint8 and z-depth [H, W] float32 (inf = sky).
         """
         W, H = cam.width, cam.height
         u, v = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
-        rays_cam = np.stack([(u - cam.cx) / cam.fx, (v - cam.cy) / cam.fy, np.ones_like(u)],
-                            -1).reshape(-1, 3)
+        u, v = u.reshape(-1), v.reshape(-1)
+        hits, norm = self._cast_pixels(cam_to_road, cam, t, u, v)
+        depth = (hits.t / norm).astype(np.float32).reshape(H, W)  # z = distance * cos
+        colour = hits.rgb
+        if self.config.antialias:
+            label = hits.kind.astype(np.int64) * 1_000_000 + hits.instance
+            idx = np.flatnonzero(_changing_pixels(colour.reshape(H, W, 3),
+                                                  label.reshape(H, W), depth))
+            off = PIXEL_SAMPLES[1:]  # [4, 2]
+            sub, _ = self._cast_pixels(cam_to_road, cam, t,
+                                       (u[idx][None] + off[:, :1]).reshape(-1),
+                                       (v[idx][None] + off[:, 1:]).reshape(-1))
+            colour = colour.copy()
+            colour[idx] = (colour[idx] + sub.rgb.reshape(len(off), len(idx), 3).sum(0)) / (
+                len(off) + 1)
+        rgb = (colour.reshape(H, W, 3) * 255.0 + 0.5).astype(np.uint8)
+        return rgb, depth
+
+    def _cast_pixels(self, cam_to_road: np.ndarray, cam: CameraModel, t: float,
+                     u: np.ndarray, v: np.ndarray) -> tuple[Hits, np.ndarray]:
+        """Cast one ray through each image point (u [M], v [M] in px) at time t.
+
+        Returns:
+            the hits and each ray's length per unit of camera z [M].
+        """
+        rays_cam = np.stack([(u - cam.cx) / cam.fx, (v - cam.cy) / cam.fy, np.ones_like(u)], -1)
         norm = np.linalg.norm(rays_cam, axis=1)
         dirs = (rays_cam / norm[:, None]) @ cam_to_road[:3, :3].T
-        hits = self.street.cast(cam_to_road[:3, 3], dirs, t)
-        depth = (hits.t / norm).astype(np.float32)  # z = distance * cos(angle to axis)
-        rgb = (hits.rgb.reshape(H, W, 3) * 255.0 + 0.5).astype(np.uint8)
-        return rgb, depth.reshape(H, W)
+        return self.street.cast(cam_to_road[:3, 3], dirs, t), norm
 
     def _record(self, rgb: np.ndarray) -> tuple[bytes | None, np.ndarray]:
         """What the camera delivers: JPEG bytes (and their decoded pixels) or raw pixels."""
@@ -393,3 +427,28 @@ def cameras_arg(names: Sequence[str] | str) -> tuple[str, ...]:
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     return tuple(camera_name(n) for n in names)
+
+
+def _changing_pixels(rgb: np.ndarray, label: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    """Pixels whose centre sample may not stand for the whole pixel: a 4-neighbour shows
+    another surface (label), a depth step (> 5 %) or a colour step (> AA_CONTRAST).
+
+    Args:
+        rgb: [H, W, 3] float colour in [0, 1]; label: [H, W] surface id; depth: [H, W].
+
+    Returns:
+        [H, W] bool; both pixels of a changing pair are marked.
+    """
+    with np.errstate(invalid="ignore"):  # inf - inf between two sky pixels
+        def steps(a: slice, b: slice) -> np.ndarray:
+            za, zb = depth[a], depth[b]
+            return ((label[a] != label[b])
+                    | (np.abs(rgb[a] - rgb[b]).max(-1) > AA_CONTRAST)
+                    | (np.abs(za - zb) > 0.05 * np.minimum(za, zb)))
+        out = np.zeros(label.shape, dtype=bool)
+        for a, b in (((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+                     ((slice(1, None), slice(None)), (slice(None, -1), slice(None)))):
+            step = steps(a, b)
+            out[a] |= step
+            out[b] |= step
+    return out

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from recon.adam import AdamConfig, optimise_adam
-from recon.evaluate import actor_mask, evaluate
+from recon.evaluate import actor_mask, actor_masks, evaluate
 from recon.init import InitConfig, InitError, aggregate_lidar, assign_to_tracks, initialise_scene
 from recon.neural import ActorEdit
 from recon.views import heldout_views, render_view, source_views
@@ -308,3 +308,29 @@ def test_densify_clones_splits_and_prunes(log):
     with torch.no_grad():
         out = render_view(scene, heldout_views(log)[0], backend="torch")
     assert torch.isfinite(out.rgb).all()
+
+
+def test_actor_masks_cover_the_actor_itself(log):
+    """With ground-truth depth a track's mask is the pixels whose surface lies in its box:
+    background seen past the vehicle through its box silhouette is left out."""
+    checked = 0
+    for v in heldout_views(log):
+        depth = v.depth()
+        for tid, mask in actor_masks(v, log.moving_tracks, depth).items():
+            silhouette = actor_masks(v, [log.tracks[tid]])[tid]
+            if mask.sum() < 20:
+                continue
+            assert not (mask & ~silhouette).any()
+            # Unproject masked pixels with their true depth: they land in the box.
+            ys, xs = np.nonzero(mask)
+            z = depth[ys, xs]
+            cam = np.stack([(xs + 0.5 - v.K[0, 2]) / v.K[0, 0] * z,
+                            (ys + 0.5 - v.K[1, 2]) / v.K[1, 1] * z, z], -1)
+            world = cam @ v.cam_to_world[:3, :3].T + v.cam_to_world[:3, 3]
+            T = invert_pose(log.tracks[tid].pose_at(v.timestamp))
+            local = world @ T[:3, :3].T + T[:3, 3]
+            assert (np.abs(local) <= log.tracks[tid].size / 2 + 0.31).all()
+            # Silhouette pixels left out see something beyond the box (or the sky).
+            if (silhouette & ~mask).any():
+                checked += 1
+    assert checked > 0, "the fixture log must show a moving actor against its background"
