@@ -119,6 +119,9 @@ def bench_adam(
     = False,
     rasterize_mode: Annotated[str, typer.Option(help="antialiased | classic")]
     = "antialiased",
+    camera_antialias: Annotated[bool, typer.Option(
+        help="Synthetic camera integrates over each pixel (off: point-sampled, as before "
+             "2026-11-22).")] = True,
     backend: str = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -130,7 +133,8 @@ def bench_adam(
 
     console = Console(stderr=True)
     res = bench_adam_curve(
-        SyntheticConfig(seed=seed, frames=frames, width=width, height=height),
+        SyntheticConfig(seed=seed, frames=frames, width=width, height=height,
+                        antialias=camera_antialias),
         InitConfig(budget=budget, actors=actors, far_budget=far_budget),
         AdamConfig(iters=iters, densify=densify, backend=backend,
                    rasterize_mode=rasterize_mode),

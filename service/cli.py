@@ -47,6 +47,8 @@ def synth(
     format: Annotated[str, typer.Option("--format", help="pandaset | waymo")] = "pandaset",
     ground_truth: Annotated[bool, typer.Option(help="Also write held-out ground truth "
                                                     "(depth, lane-shifted views).")] = True,
+    antialias: Annotated[bool, typer.Option(help="Camera integrates over each pixel "
+                                                 "(off: one ray per pixel centre).")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
 ) -> None:
     """Generate a synthetic driving log with ground truth and write it to disk."""
@@ -54,7 +56,8 @@ def synth(
 
     try:
         config = SyntheticConfig(seed=seed, frames=frames, width=width, height=height,
-                                 cameras=cameras_arg(cameras), traffic=traffic)
+                                 cameras=cameras_arg(cameras), traffic=traffic,
+                                 antialias=antialias)
     except ValueError as e:
         raise _fail(str(e)) from e
     if format not in ("pandaset", "waymo"):

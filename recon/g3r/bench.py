@@ -64,6 +64,8 @@ class BenchConfig:
             G3R's wall time.
         ablations: name -> checkpoint of models trained differently (e.g. constant gamma,
             no held-out loss); the shipped model also runs with T = 1.
+        camera_antialias: the evaluation logs' cameras integrate over each pixel (False:
+            point-sampled, as every run before 2026-11-22).
     """
 
     logs: int = 5
@@ -76,6 +78,7 @@ class BenchConfig:
     frames: int | None = None
     ablations: tuple[tuple[str, str], ...] = ()
     backend: str = "auto"
+    camera_antialias: bool = True
 
 
 def quick(cfg: BenchConfig) -> BenchConfig:
@@ -114,7 +117,7 @@ def bench_log(name: str, log_cfg: SyntheticConfig, ckpt: Checkpoint,
     """All methods on one evaluation log."""
     if cfg.frames is not None:
         log_cfg = replace(log_cfg, frames=cfg.frames)
-    log = generate_log(log_cfg)
+    log = generate_log(replace(log_cfg, antialias=cfg.camera_antialias))
     # Synthesise every image and sweep before the clock starts: a recorded log is on
     # disk already, so the generator's ray casting is no part of a method's init.
     render_all(log, ground_truth=False)
