@@ -66,10 +66,10 @@ DEFAULT_CAMERAS = ("front_camera", "front_left_camera", "front_right_camera")
 
 LIDAR_HEIGHT = 1.9  # m above the road: the ego origin
 FPS = 10.0
-# Sub-pixel sample offsets [S, 2] (px from the pixel centre): the centre, then a rotated
-# 4-sample grid, the pattern GPUs use for 4x supersampling.
-PIXEL_SAMPLES = np.array([[0.0, 0.0], [-0.125, -0.375], [0.375, -0.125], [0.125, 0.375],
-                          [-0.375, 0.125]])
+# Extra sample offsets [4, 2] (px from the pixel centre) for pixels that change: a rotated
+# grid, the pattern GPUs use for 4x supersampling.
+SUBPIXEL_OFFSETS = np.array([[-0.125, -0.375], [0.375, -0.125], [0.125, 0.375],
+                             [-0.375, 0.125]])
 AA_CONTRAST = 0.02  # colour step (of 1) above which a pixel is supersampled
 
 
@@ -214,10 +214,10 @@ class SyntheticRecorder:
         depth = (hits.t / norm).astype(np.float32).reshape(H, W)  # z = distance * cos
         colour = hits.rgb
         if self.config.antialias:
-            label = hits.kind.astype(np.int64) * 1_000_000 + hits.instance
             idx = np.flatnonzero(_changing_pixels(colour.reshape(H, W, 3),
-                                                  label.reshape(H, W), depth))
-            off = PIXEL_SAMPLES[1:]  # [4, 2]
+                                                  hits.kind.reshape(H, W),
+                                                  hits.instance.reshape(H, W), depth))
+            off = SUBPIXEL_OFFSETS
             sub, _ = self._cast_pixels(cam_to_road, cam, t,
                                        (u[idx][None] + off[:, :1]).reshape(-1),
                                        (v[idx][None] + off[:, 1:]).reshape(-1))
@@ -429,12 +429,15 @@ def cameras_arg(names: Sequence[str] | str) -> tuple[str, ...]:
     return tuple(camera_name(n) for n in names)
 
 
-def _changing_pixels(rgb: np.ndarray, label: np.ndarray, depth: np.ndarray) -> np.ndarray:
+def _changing_pixels(rgb: np.ndarray, kind: np.ndarray, instance: np.ndarray,
+                     depth: np.ndarray) -> np.ndarray:
     """Pixels whose centre sample may not stand for the whole pixel: a 4-neighbour shows
-    another surface (label), a depth step (> 5 %) or a colour step (> AA_CONTRAST).
+    another surface (kind or instance), a depth step (> 5 %) or a colour step
+    (> AA_CONTRAST).
 
     Args:
-        rgb: [H, W, 3] float colour in [0, 1]; label: [H, W] surface id; depth: [H, W].
+        rgb: [H, W, 3] float colour in [0, 1]; kind, instance: [H, W] surface ids;
+        depth: [H, W] z-depth.
 
     Returns:
         [H, W] bool; both pixels of a changing pair are marked.
@@ -442,10 +445,10 @@ def _changing_pixels(rgb: np.ndarray, label: np.ndarray, depth: np.ndarray) -> n
     with np.errstate(invalid="ignore"):  # inf - inf between two sky pixels
         def steps(a: slice, b: slice) -> np.ndarray:
             za, zb = depth[a], depth[b]
-            return ((label[a] != label[b])
+            return ((kind[a] != kind[b]) | (instance[a] != instance[b])
                     | (np.abs(rgb[a] - rgb[b]).max(-1) > AA_CONTRAST)
                     | (np.abs(za - zb) > 0.05 * np.minimum(za, zb)))
-        out = np.zeros(label.shape, dtype=bool)
+        out = np.zeros(kind.shape, dtype=bool)
         for a, b in (((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
                      ((slice(1, None), slice(None)), (slice(None, -1), slice(None)))):
             step = steps(a, b)
