@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup run demo test lint bench clean
+.PHONY: setup run demo test lint bench gpu-check gpu-check-tiny clean
 
 # Idempotent: rebuilds only when pyproject.toml changed or the venv is missing.
 setup: $(STAMP)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	# Pin torch first: an unpinned torch requirement would pull the CUDA build and
 	# several GB of CUDA packages; 2.13.0 resolves to the local CPU wheel here.
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,waymo,worker,postgres]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench,waymo,worker,postgres]"
 	# Waymo's protobuf definitions only: the wheel pins TensorFlow, which we never import.
 	$(BIN)/python -m pip install --quiet --no-deps "waymo-open-dataset-tf-2-12-0==1.6.7"
 	touch $(STAMP)
@@ -38,6 +38,26 @@ lint: setup
 
 bench: setup
 	$(BIN)/drivesplat bench synth
+
+# The prepared device check (README, "The device check"). Runs with the machine's own
+# python3 and torch (no venv: the GPU image brings its CUDA build); wheels and a gsplat
+# source archive in .whl/ (carried with the tree) are installed first, gsplat compiled
+# there for the local GPU. Results land in $(OUT) (the device tool sets OUT).
+OUT ?= data/gpu-check
+GPU_PYTHON ?= python3
+gpu-check:
+	mkdir -p "$(OUT)" .gpu-site
+	if ls .whl/*.whl >/dev/null 2>&1; then $(GPU_PYTHON) -m pip install -q --no-index \
+	  --no-deps --no-compile --target .gpu-site .whl/*.whl; fi
+	if ls .whl/gsplat-*.tar.gz >/dev/null 2>&1 && ! PYTHONPATH=.gpu-site $(GPU_PYTHON) \
+	  -c "import gsplat" 2>/dev/null; then TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS=16 \
+	  $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-build-isolation \
+	  --target .gpu-site .whl/gsplat-*.tar.gz; fi
+	PYTHONPATH=.:.gpu-site PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m recon.gpu_check --out "$(OUT)"
+
+# The same stages at toy sizes on the CPU (what CI runs through the test suite).
+gpu-check-tiny: setup
+	$(BIN)/python -m recon.gpu_check --out "$(OUT)" --tiny
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

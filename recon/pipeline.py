@@ -86,17 +86,25 @@ def reconstruct(log: LogSegment, out_dir: str | Path, *, method: str = DEFAULT_M
     if ckpt is not None:
         from recon.g3r.optimize import optimise_g3r
 
-        run = replace(g3r or G3RRunConfig(), steps=steps, turbo=turbo)
+        run = g3r or G3RRunConfig()
+        # Only what the caller set overrides the run config's own steps and schedule.
+        if steps is not None:
+            run = replace(run, steps=steps)
+        if turbo:
+            run = replace(run, turbo=True)
         res = optimise_g3r(scene, log, ckpt.model, run, progress=progress,
                            should_stop=should_stop)
     else:
         res = optimise_adam(scene, log, adam, progress=progress, should_stop=should_stop)
     recon_s = init_s + res.seconds
     say("writing")
+    metrics = {"init_s": init_s, "iterations": res.iterations,
+               "final_loss": res.losses[-1] if res.losses else None}
+    if ckpt is not None:  # what resolution the gradient was read at: never silent
+        metrics |= {"lift_width": res.lift_width, "native_width": res.native_width}
     path = save_scene(scene, out_dir, log=log, method=method, recon_s=recon_s,
                       checkpoint_hash=ckpt.sha256 if ckpt is not None else None,
-                      metrics={"init_s": init_s, "iterations": res.iterations,
-                               "final_loss": res.losses[-1] if res.losses else None},
+                      metrics=metrics,
                       overwrite=overwrite)
     return ReconResult(Path(path), scene, recon_s, init_s, res.iterations,
                        ckpt.sha256 if ckpt is not None else None)

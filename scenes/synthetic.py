@@ -402,9 +402,11 @@ def generate_log(config: SyntheticConfig | None = None, **overrides) -> LogSegme
 
 
 def render_all(log: LogSegment, *, ground_truth: bool = True,
-               progress: Callable[[int, int], None] | None = None) -> int:
+               progress: Callable[[int, int], None] | None = None, workers: int = 1) -> int:
     """Force every lazy image, depth map, sweep (and ground-truth view) of a log.
 
+    ``workers`` > 1 renders items on that many threads (numpy releases the GIL in the
+    ray caster's array work; each item's result is the same as when rendered alone).
     Returns the number of items rendered; ``progress(done, total)`` is called as it goes.
     """
     jobs: list[Callable[[], object]] = []
@@ -415,6 +417,15 @@ def render_all(log: LogSegment, *, ground_truth: bool = True,
     if ground_truth and log.ground_truth is not None:
         jobs += list(log.ground_truth.depth.values())
         jobs += [v.image.load for v in log.ground_truth.shifted]
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        with ThreadPoolExecutor(workers) as pool:
+            for i, fut in enumerate(as_completed([pool.submit(j) for j in jobs])):
+                fut.result()
+                if progress is not None:
+                    progress(i + 1, len(jobs))
+        return len(jobs)
     for i, job in enumerate(jobs):
         job()
         if progress is not None:

@@ -150,6 +150,9 @@ def reconstruct(
         help="G3R model (default: the checkpoint shipped with drivesplat).")] = None,
     lift_groups: Annotated[int | None, typer.Option(
         help="G3R: lift 1/G of the source views per step (default: the model's).")] = None,
+    lift_width: Annotated[int | None, typer.Option(
+        help="G3R: lift gradients at most this wide (default: the images' native width, "
+             "capped at 960 px on CPU, none on CUDA).")] = None,
     iters: Annotated[int | None, typer.Option(help="Adam iterations (default 3000).")] = None,
     time_budget_s: Annotated[float | None, typer.Option(
         help="Adam: stop at the first step past this many seconds.")] = None,
@@ -175,8 +178,9 @@ def reconstruct(
     if method not in METHODS:
         raise _fail(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
     if method == "adam" and (steps is not None or turbo or checkpoint is not None
-                             or lift_groups is not None):
-        raise _fail("--steps, --turbo, --checkpoint and --lift-groups are G3R options; "
+                             or lift_groups is not None or lift_width is not None):
+        raise _fail("--steps, --turbo, --checkpoint, --lift-groups and --lift-width are "
+                    "G3R options; "
                     "Adam takes --iters or --time-budget-s")
     if method == "g3r" and (time_budget_s is not None or densify or iters is not None):
         raise _fail("--iters, --time-budget-s and --densify are Adam options; G3R takes "
@@ -202,7 +206,8 @@ def reconstruct(
             init = InitConfig(actors=actors) if budget is None else InitConfig(
                 budget=budget, actors=actors)
             g3r_kw = ({"steps": steps, "turbo": turbo, "checkpoint": checkpoint,
-                       "g3r": G3RRunConfig(backend=backend, lift_groups=lift_groups)}
+                       "g3r": G3RRunConfig(backend=backend, lift_groups=lift_groups,
+                                          lift_width=lift_width)}
                       if method == "g3r" else {})
             res = run(log, out, method=method, init=init, adam=adam, stage=on_stage,
                       progress=on_step, **g3r_kw)
@@ -290,10 +295,23 @@ def train(
     time_budget_s: Annotated[float | None, typer.Option(
         help="Stop at the first update past this many seconds.")] = None,
     scenes: Annotated[int | None, typer.Option(help="Training scenes in the pool.")] = None,
-    frames: Annotated[int | None, typer.Option(help="Frames per training log.")] = None,
-    width: Annotated[int | None, typer.Option(help="Training image width.")] = None,
-    height: Annotated[int | None, typer.Option(help="Training image height.")] = None,
+    frames: Annotated[str | None, typer.Option(
+        help="Frames per training log, N or MIN:MAX drawn per seed (default 16:40).")] = None,
+    width: Annotated[int | None, typer.Option(help="Base training image width (320).")] = None,
+    height: Annotated[int | None, typer.Option(help="Base training image height (180).")] = None,
+    size_scales: Annotated[str | None, typer.Option(
+        help="Comma-separated factors on the base size drawn per seed (0.8,1.0,1.2).")] = None,
     budget: Annotated[int | None, typer.Option(help="Static Gaussians per scene.")] = None,
+    actor_budget: Annotated[int | None, typer.Option(help="Gaussians per actor.")] = None,
+    pool_refresh_every: Annotated[int | None, typer.Option(
+        help="Replace one pool scene by a fresh seed every this many episodes (0: never).")
+    ] = None,
+    init_from: Annotated[Path | None, typer.Option(
+        help="Fine-tune this checkpoint (its architecture) instead of starting fresh.")] = None,
+    unroll_start: Annotated[int | None, typer.Option(
+        help="Unrolled steps of the first episode (grows to T; fine-tuning: T).")] = None,
+    depth_weight: Annotated[float | None, typer.Option(
+        help="Weight of the LiDAR depth term on source views (0: off).")] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
     heldout_loss: Annotated[bool, typer.Option(
         help="Take the loss on held-out views too (--no-heldout-loss: ablation).")] = True,
@@ -315,15 +333,41 @@ def train(
     if threads:
         torch.set_num_threads(threads)
 
+    from recon.g3r.checkpoint import CheckpointError, load_checkpoint
     from recon.g3r.train import TrainConfig, with_overrides
     from recon.g3r.train import train as run_training
 
+    frame_range = None
+    if frames is not None:
+        lo, _, hi = frames.partition(":")
+        try:
+            frame_range = (int(lo), int(hi or lo))
+        except ValueError:
+            raise _fail(f"--frames must be N or MIN:MAX, not {frames!r}") from None
+        if not 1 <= frame_range[0] <= frame_range[1]:
+            raise _fail(f"--frames must satisfy 1 <= MIN <= MAX, not {frames!r}")
+    scales = None
+    if size_scales is not None:
+        try:
+            scales = tuple(float(x) for x in size_scales.split(","))
+        except ValueError:
+            raise _fail(f"--size-scales must be comma-separated numbers, not "
+                        f"{size_scales!r}") from None
     cfg = with_overrides(TrainConfig(), iterations=iterations, time_budget_s=time_budget_s,
-                         scenes=scenes, frames=frames, width=width, height=height,
-                         budget=budget, lr=lr, seed=seed)
+                         scenes=scenes, frames=frame_range, width=width, height=height,
+                         size_scales=scales, budget=budget, actor_budget=actor_budget,
+                         pool_refresh_every=pool_refresh_every, unroll_start=unroll_start,
+                         depth_weight=depth_weight, lr=lr, seed=seed)
+    model = cfg.model
+    if init_from is not None:  # fine-tuning keeps the checkpoint's architecture
+        try:
+            model = load_checkpoint(init_from).model.config
+        except CheckpointError as e:
+            raise _fail(str(e)) from e
+        cfg = replace(cfg, init_from=str(init_from))
     cfg = replace(cfg, heldout_loss=heldout_loss,
-                  model=replace(cfg.model, constant_gamma=constant_gamma,
-                                lift_groups=lift_groups or cfg.model.lift_groups))
+                  model=replace(model, constant_gamma=constant_gamma or model.constant_gamma,
+                                lift_groups=lift_groups or model.lift_groups))
     with progress_bar() as bar:
         task = bar.add_task("building training scenes", total=None)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 
@@ -110,6 +111,40 @@ def test_one_g3r_step_is_deterministic_and_reduces_source_loss(log, scene):
     assert after < 0.9 * before
 
 
+def test_lifting_reads_the_images_at_their_native_resolution(log, scene, monkeypatch):
+    import recon.g3r.optimize as opt
+    from recon.g3r.optimize import G3RRunConfig, optimise_g3r
+
+    model, _, _ = _fresh_model_and_inputs(log, scene)
+    lifted_sizes = []
+    real = opt.lift_gradient
+
+    def recording(scene_, state, targets, **kw):  # the real lift, noting its render sizes
+        lifted_sizes.extend(tuple(img.shape[:2]) for img in targets.images)
+        return real(scene_, state, targets, **kw)
+
+    monkeypatch.setattr(opt, "lift_gradient", recording)
+    res = optimise_g3r(copy.deepcopy(scene), log, model, G3RRunConfig(steps=2, backend="torch"))
+    assert res.lift_width == res.native_width == 64
+    assert set(lifted_sizes) == {(40, 64)}  # the log's 64x40 images, not downsampled
+    lifted_sizes.clear()
+    res = optimise_g3r(copy.deepcopy(scene), log, model,
+                       G3RRunConfig(steps=1, lift_width=32, backend="torch"))
+    assert res.lift_width == 32 and set(lifted_sizes) == {(20, 32)}  # as asked
+
+
+def test_lift_width_cap_is_per_device():
+    from recon.g3r.optimize import LIFT_WIDTH_CAP, resolve_lift_scale
+
+    assert LIFT_WIDTH_CAP["cuda"] is None  # full resolution on a GPU
+    assert resolve_lift_scale([1920, 1920], None, "cuda") == 1.0
+    assert resolve_lift_scale([320, 160], None, "cpu") == 1.0
+    assert resolve_lift_scale([1920], None, "cpu") == LIFT_WIDTH_CAP["cpu"] / 1920
+    assert resolve_lift_scale([320], 160, "cuda") == 0.5  # an explicit width is honoured
+    with pytest.raises(ValueError, match="lift_width"):
+        resolve_lift_scale([320], 4, "cpu")
+
+
 def test_view_groups_partition_the_views_and_are_deterministic():
     groups = view_groups(14, 3, seed=4)
     assert sorted(i for g in groups for i in g) == list(range(14))  # each view once
@@ -177,6 +212,8 @@ def test_shipped_checkpoint_reconstructs_and_its_hash_lands_in_the_manifest(tmp_
     assert manifest["method"] == "g3r"
     assert manifest["checkpoint_hash"] == file_sha256(DEFAULT_CHECKPOINT)
     assert manifest["metrics"]["iterations"] == ck.model.config.turbo_steps
+    # The gradient was read at the images' own resolution, and the manifest says so.
+    assert manifest["metrics"]["lift_width"] == manifest["metrics"]["native_width"] == 48
     res = runner.invoke(app, ["reconstruct", str(log_dir), "--out", str(scene_dir),
                               "--checkpoint", str(tmp_path / "nope.safetensors")])
     assert res.exit_code == 2 and "nope.safetensors" in res.output
@@ -186,8 +223,9 @@ def test_shipped_checkpoint_reconstructs_and_its_hash_lands_in_the_manifest(tmp_
 
 
 def _tiny_training(iterations: int) -> TrainConfig:
-    return replace(TrainConfig(), scenes=2, val_scenes=1, frames=4, width=48, height=32,
-                   cameras=("front_camera",), budget=1500, actor_budget=80,
+    return replace(TrainConfig(), scenes=2, val_scenes=1, frames=(4, 5), width=48, height=32,
+                   size_scales=(1.0, 1.25), cameras=(("front_camera",),), budget=1500,
+                   actor_budget=80, pool_refresh_every=1,
                    iterations=iterations, val_every=1000, save_every=1, loss_views=1,
                    model=replace(TINY_MODEL, channels=46, lift_groups=2))
 
@@ -206,6 +244,24 @@ def test_training_resumes_where_it_stopped(tmp_path):
     assert b.info["iterations"] == 3
     with pytest.raises(ValueError, match="other training settings"):
         train(replace(_tiny_training(4), lr=0.5), tmp_path / "b", backend="torch")
+
+
+def test_training_pool_sees_fresh_seeds_and_never_the_validation_seed():
+    from recon.g3r.train import pool_refresh, pool_seeds
+
+    cfg = replace(TrainConfig(), scenes=3, val_scenes=1, pool_refresh_every=2)
+    start = cfg.seed_start
+    assert pool_seeds(cfg, 0) == [start, start + 1, start + 2]
+    assert pool_refresh(cfg, 1) is None
+    assert pool_refresh(cfg, 2) == (0, start + 4)  # start + 3 is the validation seed
+    assert pool_seeds(cfg, 2) == [start + 4, start + 1, start + 2]
+    seen = {s for e in range(0, 40) for s in pool_seeds(cfg, e)}
+    assert start + 3 not in seen and len(seen) == 3 + 40 // 2
+    # Settings vary with the seed around the default scale.
+    logs = [training_log_config(s, cfg) for s in range(start, start + 12)]
+    assert len({(c.width, c.height) for c in logs}) > 1
+    assert len({c.cameras for c in logs}) > 1
+    assert all(256 <= c.width <= 384 and 16 <= c.frames <= 40 for c in logs)
 
 
 def test_training_refuses_eval_seeds():

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from recon.neural import NeuralScene, SceneState, Splats
+from recon.render import RenderOutput
 from recon.views import View, render_view
 
 
@@ -54,17 +55,23 @@ def view_targets(views: list[View], scale: float = 1.0,
     return ViewTargets(list(views), images)
 
 
-def render_targets(scene: NeuralScene, targets: ViewTargets,
-                   decoded: tuple[Splats, Splats, Splats], i: int,
-                   backend: str = "auto") -> Tensor:
-    """Render view ``i`` of ``targets`` at its target's size: [H, W, 3].
+def render_target_output(scene: NeuralScene, targets: ViewTargets,
+                         decoded: tuple[Splats, Splats, Splats], i: int,
+                         backend: str = "auto") -> RenderOutput:
+    """Render view ``i`` of ``targets`` at its target's size (rgb, alpha, depth).
 
     ``decoded``: ``scene.decode_parts(state)``, decoded once for all views of a state.
     """
     H, W = targets.images[i].shape[:2]
-    out = render_view(scene, targets.views[i], backend=backend, width=W, height=H,
-                      decoded=decoded)
-    return out.rgb[0]
+    return render_view(scene, targets.views[i], backend=backend, width=W, height=H,
+                       decoded=decoded)
+
+
+def render_targets(scene: NeuralScene, targets: ViewTargets,
+                   decoded: tuple[Splats, Splats, Splats], i: int,
+                   backend: str = "auto") -> Tensor:
+    """Render view ``i`` of ``targets`` at its target's size: [H, W, 3]."""
+    return render_target_output(scene, targets, decoded, i, backend).rgb[0]
 
 
 def _splat_tensors(parts: tuple[Splats, ...]) -> list[Tensor]:

@@ -8,6 +8,7 @@ backpropagates through the model: inference only.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,34 @@ from recon.neural import NeuralScene, SceneState
 from recon.views import source_views
 from scenes.log import LogSegment
 
+logger = logging.getLogger(__name__)
+
+#: Widest gradient-lifting render per device kind (px; None: no cap, the images' own
+#: resolution). On CPU a lift renders and backpropagates a third of the source views per
+#: step, so a 1920-px rig would take minutes per step; wider images are area-downsampled
+#: to this width, with a warning and the width recorded in the result.
+LIFT_WIDTH_CAP: dict[str, int | None] = {"cuda": None, "cpu": 960}
+
+
+def lift_width_cap(device: torch.device | str) -> int | None:
+    """The device's lifting cap (:data:`LIFT_WIDTH_CAP`; unknown kinds: the CPU's)."""
+    kind = torch.device(device).type
+    return LIFT_WIDTH_CAP.get(kind, LIFT_WIDTH_CAP["cpu"])
+
+
+def resolve_lift_scale(widths: list[int], lift_width: int | None,
+                       device: torch.device | str) -> float:
+    """Scale of the lifting renders relative to the images (1.0: native resolution).
+
+    ``lift_width`` None lifts at the widest image's own width, up to the device cap;
+    an explicit width is honoured as asked (a caller's choice, never the model's).
+    """
+    if lift_width is not None and lift_width < 8:
+        raise ValueError(f"lift_width must be >= 8 px, not {lift_width}")
+    widest = max(widths)
+    target = lift_width if lift_width is not None else lift_width_cap(device)
+    return 1.0 if target is None else min(1.0, target / widest)
+
 
 @dataclass(frozen=True)
 class G3RRunConfig:
@@ -27,10 +56,10 @@ class G3RRunConfig:
 
     Attributes:
         steps: T (None: the model's default, 24); turbo: the model's short schedule (12).
-        lift_width: gradient-lifting renders are at most this wide (aspect kept): the
-            resolution the model was trained at; larger images are area-downsampled
-            (the gradient is a sum over views, and halving the resolution keeps its
-            direction at about a quarter of the cost).
+        lift_width: gradient-lifting renders are at most this wide (aspect kept); larger
+            images are area-downsampled. None (default): the images' native resolution,
+            up to the device's cap (:data:`LIFT_WIDTH_CAP`: none on CUDA, 960 px on
+            CPU); a capped lift logs a warning and every result records its width.
         lift_groups: views lifted per step = 1/G of the source views (None: the
             model's, the grouping it was trained with; 1: all views every step).
         backend: renderer.
@@ -38,7 +67,7 @@ class G3RRunConfig:
 
     steps: int | None = None
     turbo: bool = False
-    lift_width: int = 160
+    lift_width: int | None = None
     lift_groups: int | None = None
     backend: str = "auto"
 
@@ -61,6 +90,8 @@ class G3RResult:
     iterations: int
     seconds: float
     losses: list[float] = field(default_factory=list)  # L2 of the step's view group, before it
+    lift_width: int = 0  # px of the widest lifting render (the images' own: native)
+    native_width: int = 0  # px of the widest source image
     curve: list[dict] = field(default_factory=list)  # from the eval hook
 
 
@@ -116,9 +147,15 @@ def optimise_g3r(scene: NeuralScene, log: LogSegment, model: G3RModel,
     views = source_views(log)
     if not views:
         raise ValueError(f"log {log.name!r} has no source views (even frames with images)")
-    scale = min(1.0, cfg.lift_width / max(v.width for v in views))
+    native = max(v.width for v in views)
+    scale = resolve_lift_scale([v.width for v in views], cfg.lift_width, device)
     targets = view_targets(views, scale, device)
-    result = G3RResult(0, 0.0)
+    lifted_w = max(img.shape[1] for img in targets.images)
+    if lifted_w < native:
+        logger.warning("G3R lifts gradients at %d px wide, below the images' %d px (%s)",
+                    lifted_w, native, "asked for" if cfg.lift_width is not None
+                    else f"the {device.type} cap, LIFT_WIDTH_CAP")
+    result = G3RResult(0, 0.0, lift_width=lifted_w, native_width=native)
     excluded = 0.0
 
     def on_step(t: int, state: SceneState, loss: float) -> bool:
