@@ -255,7 +255,7 @@ def test_training_pool_sees_fresh_seeds_and_never_the_validation_seed():
     assert pool_refresh(cfg, 1) is None
     assert pool_refresh(cfg, 2) == (0, start + 4)  # start + 3 is the validation seed
     assert pool_seeds(cfg, 2) == [start + 4, start + 1, start + 2]
-    seen = {s for e in range(0, 40) for s in pool_seeds(cfg, e)}
+    seen = {s for e in range(41) for s in pool_seeds(cfg, e)}  # 20 refreshes
     assert start + 3 not in seen and len(seen) == 3 + 40 // 2
     # Settings vary with the seed around the default scale.
     logs = [training_log_config(s, cfg) for s in range(start, start + 12)]
