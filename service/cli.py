@@ -311,7 +311,7 @@ def train(
     unroll_start: Annotated[int | None, typer.Option(
         help="Unrolled steps of the first episode (grows to T; fine-tuning: T).")] = None,
     depth_weight: Annotated[float | None, typer.Option(
-        help="Weight of the LiDAR depth term on source views (0: off).")] = None,
+        help="Weight of the LiDAR depth term on source views (default 0: off).")] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
     heldout_loss: Annotated[bool, typer.Option(
         help="Take the loss on held-out views too (--no-heldout-loss: ablation).")] = True,

@@ -86,6 +86,8 @@ class TrainConfig:
         depth_weight: weight of the LiDAR depth term on the sampled source views (mean
             |log z_render - log z_lidar| over pixels with a return of the view's own
             frame): LiDAR is a source input, and the term keeps geometry from drifting.
+            Off by default: at weight 0.05 a 40-minute fine-tune lost 0.6-1.0 dB of
+            held-out PSNR against the same fine-tune without it (BENCHMARKS.md).
         lift_scale: resolution of gradient lifting relative to the training images
             (1: native, as ``reconstruct`` lifts).
         init_from: checkpoint to start from (fine-tuning; its architecture is used).
@@ -117,7 +119,7 @@ class TrainConfig:
     heldout_loss: bool = True
     ssim_weight: float = 0.2
     flat_weight: float = 0.1
-    depth_weight: float = 0.05
+    depth_weight: float = 0.0
     lift_scale: float = 1.0
     init_from: str | None = None
     val_every: int = 150
