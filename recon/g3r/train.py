@@ -177,7 +177,7 @@ class TrainingScene:
         with the model); h0: its initial state; graph: voxel hierarchies;
         source: source-view targets (gradient input); heldout: held-out targets;
         source_depth: per source view [H, W] LiDAR z of its own frame at the target's
-        size (inf: no return).
+        size (inf: no return); empty when the loss has no depth term.
     """
 
     seed: int
@@ -216,7 +216,9 @@ def build_training_scene(seed: int, cfg: TrainConfig, model: G3RModel,
     return TrainingScene(seed, scene, scene.state().detach().clone(),
                          build_scene_graph(scene, cfg.model), source,
                          view_targets(heldout_views(log), cfg.lift_scale, device),
-                         lidar_depth_targets(log, source, device))
+                         # Only a loss with the depth term reads LiDAR z-buffers.
+                         lidar_depth_targets(log, source, device)
+                         if cfg.depth_weight > 0 else [])
 
 
 def flatness(scene: NeuralScene, state: SceneState) -> Tensor:
@@ -288,7 +290,7 @@ def pool_seeds(cfg: TrainConfig, episode: int) -> list[int]:
     rebuilds the same pool.
     """
     seeds = train_seeds(cfg.scenes, cfg.seed_start)
-    fresh = train_seeds(1, cfg.seed_start)[0] + cfg.scenes + cfg.val_scenes
+    fresh = cfg.seed_start + cfg.scenes + cfg.val_scenes  # after the validation seeds
     refreshes = episode // cfg.pool_refresh_every if cfg.pool_refresh_every > 0 else 0
     for k in range(refreshes):
         seeds[k % cfg.scenes] = fresh + k
