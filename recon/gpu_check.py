@@ -1,16 +1,24 @@
 """The one prepared device check (``make gpu-check``; ``python -m recon.gpu_check``).
 
-A GPU is lent to a session for about 15 minutes in all, so everything that needs one runs
-here, in one process, in a fixed order, writing ``results.json`` into ``--out`` after
-every stage (a run cut short still returns what it finished):
+A GPU is lent to a session for about 15 minutes in all, machine start included, so
+everything that needs one runs here, in one process, inside ``--time-budget-s``, writing
+``results.json`` into ``--out`` after every stage (a run cut short still returns what it
+finished). Stages, in the order they run:
 
 1. ``env``: torch, CUDA, the device, whether gsplat's extension loads;
-2. ``tests``: the GPU tests (``pytest -m gpu``: gsplat against the torch backend);
-3. ``raster``: render time and FPS for 1M Gaussians at 1920x1080, per backend;
-4. ``recon``: G3R against Adam on a 1920x1080, 6-camera synthetic log at the device's
-   default Gaussian budget (``drivesplat bench recon`` rows, with a plot);
-5. ``finetune``: the shipped G3R checkpoint fine-tuned for a fixed time budget at the
-   default scale; the checkpoint is written to ``--out``.
+2. ``gsplat_build`` (with ``--gsplat-sdist``, when gsplat does not load yet): gsplat is
+   compiled for this GPU's architecture into a wheel (written to ``--out``, so a later
+   machine can install it in seconds) and installed into ``--site``, in the background,
+   at low priority, while the stages that need no gsplat run on the torch backend;
+3. ``finetune``: the shipped G3R checkpoint fine-tuned for a fixed time budget at the
+   default scale; the checkpoint is written to ``--out``;
+4. (the build is waited for; its time and log are recorded);
+5. ``tests``: the GPU tests (gsplat against the torch backend, CUDA against CPU), with
+   ``DRIVESPLAT_REQUIRE_GSPLAT=1`` where gsplat was built, so a broken build fails;
+6. ``raster``: render time and FPS for 1M Gaussians at 1920x1080, per backend;
+7. ``recon``: G3R against Adam on a 1920x1080, 6-camera synthetic log at the device's
+   default Gaussian budget (``drivesplat bench recon`` rows, with a plot). Adam's
+   reference run stops where the time budget requires; the rows say how far it got.
 
 ``--tiny`` runs the same stages at toy sizes on whatever device there is (CI runs it on
 CPU): it checks the script, not the numbers. Only ``recon`` and ``scenes`` are imported,
@@ -20,10 +28,14 @@ so the device machine needs no web-service packages.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -65,7 +77,7 @@ FULL = CheckSizes(raster_gaussians=1_000_000, raster_width=1920, raster_height=1
                   recon_cameras=("front", "front_left", "front_right", "left", "right",
                                  "back"),
                   recon_budget=None, recon_actor_budget=None, adam_iters=3000,
-                  adam_eval_every=250, g3r_steps=None, finetune_s=150.0,
+                  adam_eval_every=250, g3r_steps=None, finetune_s=120.0,
                   finetune_frames=(16, 40),
                   finetune_width=320, finetune_height=180, finetune_budget=100_000,
                   finetune_actor_budget=2000, finetune_scenes=4, repeats=10)
@@ -86,7 +98,7 @@ def environment() -> dict:
     info = {"python": sys.version.split()[0], "torch": torch.__version__,
             "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "gsplat": gsplat_available()}
+            "cpu_count": os.cpu_count(), "gsplat": gsplat_available()}
     try:
         import gsplat
 
@@ -96,18 +108,77 @@ def environment() -> dict:
     return info
 
 
-def gpu_tests(out: Path, tiny: bool) -> dict:
-    """``pytest -m gpu`` (in tiny mode only the test collection: CPU has no GPU tests)."""
-    args = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/"]
+class GsplatBuild:
+    """gsplat compiled from its source archive in a background process.
+
+    ``pip wheel`` builds the extension for this GPU's architecture only (minutes, not
+    the tens of minutes of gsplat's default list); the wheel lands in ``out`` and is
+    installed into ``site``, which :meth:`wait` puts on ``sys.path`` (and on the tests'
+    ``PYTHONPATH``).
+    """
+
+    def __init__(self, sdist: Path, site: Path, out: Path) -> None:
+        self.site, self.out = site, out
+        self.wheel_dir = out / "wheel"
+        arch = "{}.{}".format(*torch.cuda.get_device_capability(0))
+        env = {**os.environ, "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", arch),
+               "MAX_JOBS": str(max(1, (os.cpu_count() or 2) - 2))}
+        py = sys.executable
+        script = (f'"{py}" -m pip wheel -q --no-deps --no-build-isolation --no-index '
+                  f'-w "{self.wheel_dir}" "{sdist}" && "{py}" -m pip install -q --no-index '
+                  f'--no-deps --no-compile --upgrade --target "{site}" '
+                  f'"{self.wheel_dir}"/gsplat-*.whl')
+        # The log stays outside ``out``: a device run brings back at most 8 files, and
+        # its tail goes into results.json.
+        self.log = Path(tempfile.gettempdir()) / "drivesplat_gsplat_build.log"
+        self.t0 = time.perf_counter()
+        # nice: the GPU stages that run meanwhile need a CPU core to launch kernels.
+        self.proc = subprocess.Popen(["nice", "-n", "10", "sh", "-c", script], env=env,
+                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.info = {"arch": env["TORCH_CUDA_ARCH_LIST"], "max_jobs": env["MAX_JOBS"],
+                     "sdist": sdist.name}
+
+    def wait(self, timeout_s: float) -> dict:
+        """Wait for the build (at most ``timeout_s``) and make gsplat importable."""
+        from recon.render import gsplat_backend
+
+        try:
+            rc = self.proc.wait(timeout=max(timeout_s, 1.0))
+        except subprocess.TimeoutExpired:  # stop the compilers too: the rest needs the CPUs
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            rc = None
+        res = {**self.info, "returncode": rc, "ok": rc == 0,
+               "seconds": round(time.perf_counter() - self.t0, 1),
+               "wheels": sorted(p.name for p in self.wheel_dir.glob("*.whl"))}
+        if rc == 0:
+            sys.path.insert(0, str(self.site))
+            importlib.invalidate_caches()
+            gsplat_backend.gsplat_available.cache_clear()
+            res["loads"] = gsplat_backend.gsplat_available()
+        res["log_tail"] = self.log.read_text(errors="replace")[-3000 if rc != 0 else -600:]
+        return res
+
+
+def gpu_tests(out: Path, tiny: bool, site: Path | None, require_gsplat: bool) -> dict:
+    """The GPU tests (in tiny mode only their collection: CPU has no GPU tests)."""
+    args = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", *GPU_TEST_FILES]
     if tiny:
         args.append("--collect-only")
+    path = [str(Path.cwd())] + ([str(site)] if site else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        path + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    if require_gsplat:
+        env["DRIVESPLAT_REQUIRE_GSPLAT"] = "1"
     t0 = time.perf_counter()
-    proc = subprocess.run(args, capture_output=True, text=True)
+    proc = subprocess.run(args, capture_output=True, text=True, env=env)
     (out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
     tail = (proc.stdout.strip().splitlines() or [""])[-1]
     # pytest exits 5 when every test was deselected or skipped: nothing failed.
     return {"returncode": proc.returncode, "passed": proc.returncode in (0, 5),
-            "summary": tail, "seconds": time.perf_counter() - t0}
+            "summary": tail, "require_gsplat": require_gsplat,
+            "seconds": time.perf_counter() - t0}
 
 
 def raster(sizes: CheckSizes) -> dict:
@@ -129,8 +200,12 @@ def raster(sizes: CheckSizes) -> dict:
     return out
 
 
-def recon(sizes: CheckSizes, out: Path, tiny: bool) -> dict:
-    """G3R against Adam on one large multi-camera log (the bench recon rows)."""
+def recon(sizes: CheckSizes, out: Path, deadline: float | None) -> dict:
+    """G3R against Adam on one large multi-camera log (the bench recon rows).
+
+    With a ``deadline`` (``time.time()``), Adam's reference run is cut to end
+    ``RECON_RESERVE_S`` before it, which leaves time for the rows after it.
+    """
     from recon.g3r.bench import BenchConfig, bench_log, plot_report, summarise
     from recon.g3r.checkpoint import load_checkpoint
     from scenes.synthetic import SyntheticConfig, cameras_arg
@@ -140,7 +215,8 @@ def recon(sizes: CheckSizes, out: Path, tiny: bool) -> dict:
                               cameras=cameras_arg(list(sizes.recon_cameras)), shifts_m=())
     cfg = BenchConfig(budget=sizes.recon_budget, actor_budget=sizes.recon_actor_budget,
                       adam_iters=sizes.adam_iters, adam_eval_every=sizes.adam_eval_every,
-                      g3r_steps=sizes.g3r_steps)
+                      g3r_steps=sizes.g3r_steps, coarse_lift_width=None,
+                      adam_deadline=None if deadline is None else deadline - RECON_RESERVE_S)
     ckpt = load_checkpoint()
     lg = bench_log(f"{sizes.recon_width}x{sizes.recon_height}, "
                    f"{len(sizes.recon_cameras)} cameras", log_cfg, ckpt, {}, cfg, print)
@@ -149,8 +225,8 @@ def recon(sizes: CheckSizes, out: Path, tiny: bool) -> dict:
     return report
 
 
-def finetune(sizes: CheckSizes, out: Path) -> dict:
-    """Fine-tune the shipped checkpoint for ``sizes.finetune_s`` seconds."""
+def finetune(sizes: CheckSizes, out: Path, seconds: float, backend: str) -> dict:
+    """Fine-tune the shipped checkpoint for ``seconds`` (training's own time budget)."""
     from recon.g3r.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
     from recon.g3r.train import TrainConfig, train
 
@@ -160,50 +236,110 @@ def finetune(sizes: CheckSizes, out: Path) -> dict:
                   height=sizes.finetune_height, budget=sizes.finetune_budget,
                   actor_budget=sizes.finetune_actor_budget, scenes=sizes.finetune_scenes,
                   unroll_start=start.model.config.steps, lr=3e-4, val_every=10**9,
-                  time_budget_s=sizes.finetune_s)
+                  time_budget_s=seconds)
     work = out / "finetune_work"
-    path = train(cfg, work)
+    path = train(cfg, work, backend=backend)
     shutil.copy(path, out / "g3r_finetuned.safetensors")
     shutil.copy(work / "train_log.jsonl", out / "finetune_log.jsonl")
     ck = load_checkpoint(out / "g3r_finetuned.safetensors")
     shutil.rmtree(work)  # train_state and snapshots stay on the device
     return {"checkpoint": "g3r_finetuned.safetensors", "sha256": ck.sha256,
+            "backend": backend, "seconds_budget": seconds,
             "info": {k: ck.info.get(k) for k in ("iterations", "train_s", "val_psnr")},
             "start_sha256": start.sha256}
 
 
-def run_check(out: str | Path, *, tiny: bool = False,
-              stages: tuple[str, ...] = ("env", "tests", "raster", "recon", "finetune"),
+#: Stages in the order they run (``gsplat_build`` starts where it is listed and is waited
+#: for before ``tests``).
+STAGES: tuple[str, ...] = ("env", "finetune", "tests", "raster", "recon")
+#: The GPU tests (only these files: the rest of the suite needs the web-service packages).
+GPU_TEST_FILES: tuple[str, ...] = ("tests/test_render_gpu.py", "tests/test_sparse.py")
+#: Seconds kept free after Adam's reference run in ``recon`` (its rows and plot).
+RECON_RESERVE_S = 60.0
+
+
+def run_check(out: str | Path, *, tiny: bool = False, stages: tuple[str, ...] = STAGES,
+              time_budget_s: float | None = None, gsplat_sdist: str | Path | None = None,
+              site: str | Path | None = None,
               say: Callable[[str], None] = print) -> dict:
     """Run the stages in order; ``results.json`` in ``out`` is rewritten after each.
 
     A stage that raises is recorded with its error (the traceback goes to
-    ``errors.log``) and the next stage still runs.
+    ``errors.log``) and the next stage still runs. With ``time_budget_s``, the finetune
+    budget shrinks to what the budget leaves and Adam's reference run in ``recon`` stops
+    in time; a stage that would start with too little time left is skipped (recorded).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sizes = TINY if tiny else FULL
-    results: dict = {"mode": "tiny" if tiny else "full", "stages": {}}
-    jobs: dict[str, Callable[[], dict]] = {
-        "env": environment, "tests": lambda: gpu_tests(out, tiny),
-        "raster": lambda: raster(sizes), "recon": lambda: recon(sizes, out, tiny),
-        "finetune": lambda: finetune(sizes, out)}
-    unknown = [s for s in stages if s not in jobs]
+    t_start = time.time()
+    deadline = None if time_budget_s is None else t_start + time_budget_s
+    unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise ValueError(f"unknown gpu-check stages {unknown}; available: {list(jobs)}")
-    for name in stages:
-        say(f"gpu-check: {name}")
+        raise ValueError(f"unknown gpu-check stages {unknown}; available: {list(STAGES)}")
+    results: dict = {"mode": "tiny" if tiny else "full", "time_budget_s": time_budget_s,
+                     "stages": {}}
+    site_path = Path(site).resolve() if site else None
+
+    def save() -> None:
+        results["elapsed_s"] = round(time.time() - t_start, 1)
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+
+    def left() -> float:
+        return float("inf") if deadline is None else deadline - time.time()
+
+    def run_stage(name: str, job: Callable[[], dict], min_left_s: float = 0.0) -> None:
+        say(f"gpu-check: {name} ({left():.0f} s left)" if deadline else f"gpu-check: {name}")
         t0 = time.perf_counter()
-        try:
-            res = {"ok": True, **jobs[name]()}
-        except Exception as e:  # noqa: BLE001 - recorded; the other stages still run
-            with open(out / "errors.log", "a") as f:
-                f.write(f"--- {name}\n{traceback.format_exc()}\n")
-            res = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        if left() < min_left_s:
+            res = {"ok": False, "skipped": f"{left():.0f} s left, {min_left_s:.0f} needed"}
+        else:
+            try:
+                res = {"ok": True, **job()}
+            except Exception as e:  # noqa: BLE001 - recorded; the other stages still run
+                with open(out / "errors.log", "a") as f:
+                    f.write(f"--- {name}\n{traceback.format_exc()}\n")
+                res = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         res["stage_s"] = round(time.perf_counter() - t0, 2)
         results["stages"][name] = res
-        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        save()
+
+    build: GsplatBuild | None = None
+    if "env" in stages:
+        run_stage("env", environment)
+    from recon.render import gsplat_available
+
+    if (gsplat_sdist is not None and site_path is not None and torch.cuda.is_available()
+            and not gsplat_available()):
+        build = GsplatBuild(Path(gsplat_sdist).resolve(), site_path, out)
+        results["stages"]["gsplat_build"] = {"ok": None, "started": True, **build.info}
+        save()
+    if "finetune" in stages:
+        # Alone on the GPU while gsplat compiles: the torch backend, whatever is installed.
+        ft_s = min(sizes.finetune_s, max(left() - FINETUNE_RESERVE_S, 0.0))
+        run_stage("finetune", lambda: finetune(sizes, out, ft_s,
+                                               "torch" if build else "auto"),
+                  min_left_s=FINETUNE_RESERVE_S + 30)
+    if build is not None:
+        say("gpu-check: waiting for the gsplat build")
+        # Keep enough for tests, raster and recon on the torch backend if it is late.
+        results["stages"]["gsplat_build"] = build.wait(min(left() - BUILD_RESERVE_S, 1800))
+        save()
+    if "tests" in stages:
+        run_stage("tests", lambda: gpu_tests(out, tiny, site_path,
+                                             require_gsplat=build is not None))
+    if "raster" in stages:
+        run_stage("raster", lambda: raster(sizes), min_left_s=30)
+    if "recon" in stages:
+        run_stage("recon", lambda: recon(sizes, out, deadline),
+                  min_left_s=RECON_RESERVE_S + 60)
     return results
+
+
+#: Seconds kept for the stages after ``finetune`` when a time budget is set.
+FINETUNE_RESERVE_S = 300.0
+#: Seconds kept for tests, raster and recon when the gsplat build is late (it is stopped).
+BUILD_RESERVE_S = 220.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,10 +347,16 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory for results.json and artifacts")
     p.add_argument("--tiny", action="store_true", help="toy sizes on any device (CI)")
-    p.add_argument("--stages", default="env,tests,raster,recon,finetune",
-                   help="comma-separated subset, in this order")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help="comma-separated subset (they run in the order of the default)")
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="finish within this many seconds (stages shrink or are skipped)")
+    p.add_argument("--gsplat-sdist", default=None,
+                   help="gsplat source archive to build when gsplat does not load")
+    p.add_argument("--site", default=None, help="where the built gsplat is installed")
     a = p.parse_args(argv)
-    res = run_check(a.out, tiny=a.tiny, stages=tuple(a.stages.split(",")))
+    res = run_check(a.out, tiny=a.tiny, stages=tuple(a.stages.split(",")),
+                    time_budget_s=a.time_budget_s, gsplat_sdist=a.gsplat_sdist, site=a.site)
     failed = [n for n, r in res["stages"].items()
               if not r["ok"] or (n == "tests" and not r.get("passed", True))]
     print(json.dumps({"failed": failed, "out": a.out}))

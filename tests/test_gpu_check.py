@@ -18,7 +18,7 @@ def test_gpu_check_tiny_mode_runs_every_stage(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["mode"] == "tiny"
     stages = res["stages"]
-    assert list(stages) == ["env", "tests", "raster", "recon", "finetune"]
+    assert list(stages) == ["env", "finetune", "tests", "raster", "recon"]
     assert all(s["ok"] for s in stages.values()), stages
     assert stages["env"]["torch"]
     assert stages["tests"]["passed"]
@@ -30,6 +30,16 @@ def test_gpu_check_tiny_mode_runs_every_stage(tmp_path):
     ck = load_checkpoint(out / "g3r_finetuned.safetensors")
     assert ck.sha256 == stages["finetune"]["sha256"]
     assert ck.info["iterations"] >= 1 and ck.info["train_config"]["init_from"]
+
+
+def test_gpu_check_skips_what_the_time_budget_cannot_hold(tmp_path):
+    """A budget too small for a stage skips it (recorded) instead of overrunning."""
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--tiny", "--stages", "env,recon",
+                 "--time-budget-s", "30"]) == 1
+    stages = json.loads((out / "results.json").read_text())["stages"]
+    assert stages["env"]["ok"] and not stages["recon"]["ok"]
+    assert "s left" in stages["recon"]["skipped"]
 
 
 def test_gpu_check_refuses_unknown_stages(tmp_path):

@@ -1,22 +1,31 @@
 """CUDA checks: the torch backend on CUDA against itself on CPU and against gsplat.
 
-Skipped (with the reason) where there is no CUDA device or gsplat is not installed.
+Skipped (with the reason) where there is no CUDA device or gsplat's extension does not
+load; with ``DRIVESPLAT_REQUIRE_GSPLAT=1`` (the device check, ``make test-gpu``) a missing
+gsplat fails the gsplat tests instead of skipping them.
+
+Tolerances against gsplat (built with ``--use_fast_math``): colour and alpha 1e-3
+absolute, depth 1e-3 relative where alpha > 0.05, screen radii within 1 px, gradients 3%
+relative (L2 over each parameter).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import os
 
 import pytest
 import torch
 from test_render import FAR, NEAR, H, W, make_scene
 
-from recon.render import rasterize
+from recon.render import gsplat_available, rasterize
+
+REQUIRE_GSPLAT = os.environ.get("DRIVESPLAT_REQUIRE_GSPLAT") == "1"
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device: GPU backend checks need one")
-needs_gsplat = pytest.mark.skipif(importlib.util.find_spec("gsplat") is None,
-                                  reason="gsplat not installed (pip install 'drivesplat[gpu]')")
+needs_gsplat = pytest.mark.skipif(
+    not REQUIRE_GSPLAT and not (torch.cuda.is_available() and gsplat_available()),
+    reason="gsplat's CUDA extension not available (pip install 'drivesplat[gpu]')")
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
 
@@ -65,7 +74,8 @@ def test_torch_backend_matches_gsplat(seed, mode):
         assert (a - b).abs().max() < 1e-3
     drawn = theirs.alpha > 0.05
     assert ((ours.depth - theirs.depth).abs()[drawn] / theirs.depth[drawn]).max() < 1e-3
-    assert torch.equal(ours.radii, theirs.radii)
+    # Fast-math rounding can move a radius across an integer: 1 px either way.
+    assert (ours.radii - theirs.radii).abs().max() <= 1
     names = ("means", "quats", "scales", "opacities", "colors")
     for name, a, b in zip(names, g_ours, g_theirs, strict=True):
         rel = float((a - b).norm() / b.norm())

@@ -90,6 +90,10 @@ class BenchConfig:
             no held-out loss); the shipped model also runs with T = 1.
         camera_antialias: the evaluation logs' cameras integrate over each pixel (False:
             point-sampled, as every run before 2026-11-22).
+        adam_deadline: ``time.time()`` at which Adam's reference run stops (None: it runs
+            all ``adam_iters``; the device check sets it to fit its time budget). Rows
+            that would run longer report the reference run, as for ``adam_iters``.
+        device: where the methods run (None: CUDA when available, else CPU).
     """
 
     suite: str = "default"
@@ -109,6 +113,11 @@ class BenchConfig:
     ablations: tuple[tuple[str, str], ...] = ()
     backend: str = "auto"
     camera_antialias: bool = True
+    adam_deadline: float | None = None
+    device: str | None = None
+
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def eval_logs(self) -> tuple[tuple[str, SyntheticConfig], ...]:
         if self.suite not in ("default", "quick"):
@@ -171,7 +180,7 @@ def bench_log(name: str, log_cfg: SyntheticConfig, ckpt: Checkpoint,
     init = replace(init, **{k: v for k, v in (("budget", cfg.budget),
                                              ("actor_budget", cfg.actor_budget))
                             if v is not None})
-    base = initialise_scene(log, init)
+    base = initialise_scene(log, init).to(cfg.torch_device())
     init_s = time.perf_counter() - t0
     rows: list[dict] = []
 
@@ -215,7 +224,9 @@ def bench_log(name: str, log_cfg: SyntheticConfig, ckpt: Checkpoint,
         curve.append(row)
         return row
 
-    res = optimise_adam(scene, log, AdamConfig(iters=cfg.adam_iters, backend=cfg.backend),
+    budget_s = None if cfg.adam_deadline is None else max(cfg.adam_deadline - time.time(), 1.0)
+    res = optimise_adam(scene, log, AdamConfig(iters=cfg.adam_iters, backend=cfg.backend,
+                                               time_budget_s=budget_s),
                         eval_hook=hook, eval_every=cfg.adam_eval_every)
     record(f"adam {res.iterations}", scene, res.seconds, steps=res.iterations)
     step_s = res.seconds / max(res.iterations, 1)
@@ -226,12 +237,13 @@ def bench_log(name: str, log_cfg: SyntheticConfig, ckpt: Checkpoint,
             for f in cfg.adam_time_factors]
     runs += [(f"adam {n}", n) for n in cfg.adam_counts if n < cfg.adam_iters]
     for method, n in runs:
-        if n >= cfg.adam_iters:
+        if n >= res.iterations:
             # Longer than the reference run: report that run (same base, same schedule
-            # capped at adam_iters, converged) instead of spending the time again.
+            # capped at adam_iters, converged; or cut at adam_deadline, the longest
+            # run there was time for) instead of spending the time again.
             ref = dict(next(r for r in rows if r["method"] == f"adam {res.iterations}"))
             rows.append({**ref, "method": method, "capped_from_steps": n})
-            say(f"{log.name} {method}: {n} steps >= {cfg.adam_iters}: the reference run")
+            say(f"{log.name} {method}: {n} steps >= {res.iterations}: the reference run")
             continue
         s = copy.deepcopy(base)
         r = optimise_adam(s, log, AdamConfig(iters=n, backend=cfg.backend))
@@ -262,7 +274,7 @@ def bench_recon(cfg: BenchConfig, checkpoint: str | None = None,
                            "info": {k: ckpt.info.get(k) for k in
                                     ("iterations", "train_s", "val_psnr")}},
             "machine": {"cpu_threads": torch.get_num_threads(),
-                        "device": "cuda" if torch.cuda.is_available() else "cpu"},
+                        "device": str(cfg.torch_device())},
             "logs": logs, **summarise(logs)}
 
 

@@ -9,6 +9,7 @@ alpha clamp to 0.99, which changes pixels covered by near-opaque splats.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from functools import lru_cache
 
 import torch
@@ -16,11 +17,31 @@ from torch import Tensor
 
 from recon.render.projection import EPS2D
 
+logger = logging.getLogger(__name__)
+
 
 @lru_cache(maxsize=1)
 def gsplat_available() -> bool:
-    """True when gsplat can be imported (its CUDA kernels compile on first use)."""
-    return importlib.util.find_spec("gsplat") is not None
+    """True when gsplat is installed and its CUDA extension loads.
+
+    gsplat imports its kernels lazily (``gsplat.cuda._backend._C``: the prebuilt
+    extension, else a JIT build, else None). A package that is installed but cannot load
+    them would crash at the first render, so ``auto`` uses the torch backend instead and
+    says why.
+    """
+    if importlib.util.find_spec("gsplat") is None:
+        return False
+    try:
+        from gsplat.cuda._backend import _C
+    except Exception as e:  # noqa: BLE001 - any failure to load means: not usable
+        logger.warning("gsplat is installed but its CUDA extension does not load (%s: %s); "
+                       "rendering with the torch backend", type(e).__name__, e)
+        return False
+    if _C is None:
+        logger.warning("gsplat is installed but its CUDA extension is missing (no prebuilt "
+                       "extension and no JIT build); rendering with the torch backend")
+        return False
+    return True
 
 
 def rasterize_gsplat(
