@@ -16,11 +16,12 @@ from torch import Tensor
 
 def psnr(pred: Tensor, gt: Tensor, mask: Tensor | None = None) -> float:
     """PSNR in dB over all pixels (or those where mask [H, W] is true)."""
-    err = (pred.float() - gt.float()) ** 2
+    # gt / mask may be CPU ground truth for a CUDA render: compare on pred's device.
+    err = (pred.float() - gt.float().to(pred.device)) ** 2
     if mask is not None:
         if not bool(mask.any()):
             return math.nan
-        err = err[mask.bool()]
+        err = err[mask.bool().to(err.device)]
     mse = float(err.mean())
     return 10.0 * math.log10(1.0 / max(mse, 1e-12))
 

@@ -147,7 +147,7 @@ def heldout_psnr(scene: NeuralScene, log: LogSegment, backend: str) -> float:
     with torch.no_grad():
         for v in heldout_views(log):
             out.append(psnr(render_view(scene, v, backend=backend).rgb[0].clamp(0, 1),
-                            v.target()))
+                            v.target(scene.static_state.device)))
     return float(np.mean(out))
 
 

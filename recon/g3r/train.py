@@ -329,7 +329,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = True,
     state_path = out / "train_state.pt"
     it, episode, elapsed_before, rng = 0, 0, 0.0, random.Random(cfg.seed)
     if resume and state_path.exists():
-        saved = torch.load(state_path, map_location=dev, weights_only=False)
+        # CPU: the RNG state must stay a CPU ByteTensor (set_rng_state rejects a CUDA
+        # one); the model and optimizer copy their tensors to their parameters' device.
+        saved = torch.load(state_path, map_location="cpu", weights_only=False)
         if not cfg.same_training(saved["config"]):
             raise ValueError(f"{state_path} was written with other training settings; "
                              "start a new directory or pass the same settings (only "
