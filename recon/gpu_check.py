@@ -36,9 +36,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -73,14 +75,14 @@ class CheckSizes:
 
 
 FULL = CheckSizes(raster_gaussians=1_000_000, raster_width=1920, raster_height=1080,
-                  raster_frames=10, recon_width=1920, recon_height=1080, recon_frames=8,
+                  raster_frames=2, recon_width=1920, recon_height=1080, recon_frames=8,
                   recon_cameras=("front", "front_left", "front_right", "left", "right",
                                  "back"),
                   recon_budget=None, recon_actor_budget=None, adam_iters=3000,
                   adam_eval_every=250, g3r_steps=None, finetune_s=120.0,
                   finetune_frames=(16, 40),
                   finetune_width=320, finetune_height=180, finetune_budget=100_000,
-                  finetune_actor_budget=2000, finetune_scenes=4, repeats=10)
+                  finetune_actor_budget=2000, finetune_scenes=3, repeats=10)
 TINY = CheckSizes(raster_gaussians=2000, raster_width=64, raster_height=36, raster_frames=2,
                   recon_width=48, recon_height=32, recon_frames=4,
                   recon_cameras=("front", "left"), recon_budget=1500,
@@ -200,14 +202,9 @@ def raster(sizes: CheckSizes) -> dict:
     return out
 
 
-def recon(sizes: CheckSizes, out: Path, deadline: float | None) -> dict:
-    """G3R against Adam on one large multi-camera log (the bench recon rows).
-
-    With a ``deadline`` (``time.time()``), Adam's reference run is cut to end
-    ``RECON_RESERVE_S`` before it, which leaves time for the rows after it.
-    """
-    from recon.g3r.bench import BenchConfig, bench_log, plot_report, summarise
-    from recon.g3r.checkpoint import load_checkpoint
+def recon_config(sizes: CheckSizes, deadline: float | None) -> tuple:
+    """The log and bench settings of the ``recon`` stage."""
+    from recon.g3r.bench import BenchConfig
     from scenes.synthetic import SyntheticConfig, cameras_arg
 
     log_cfg = SyntheticConfig(seed=3, frames=sizes.recon_frames, width=sizes.recon_width,
@@ -217,9 +214,27 @@ def recon(sizes: CheckSizes, out: Path, deadline: float | None) -> dict:
                       adam_iters=sizes.adam_iters, adam_eval_every=sizes.adam_eval_every,
                       g3r_steps=sizes.g3r_steps, coarse_lift_width=None,
                       adam_deadline=None if deadline is None else deadline - RECON_RESERVE_S)
+    return log_cfg, cfg
+
+
+def recon(sizes: CheckSizes, out: Path, deadline: float | None, log_future: Future,
+          say: Callable[[str], None] = print) -> dict:
+    """G3R against Adam on one large multi-camera log (the bench recon rows).
+
+    The log is synthesised on the CPU beforehand (``log_future``, started with the first
+    stages). With a ``deadline`` (``time.time()``), Adam's reference run is cut to end
+    ``RECON_RESERVE_S`` before it, which leaves time for the rows after it.
+    """
+    from recon.g3r.bench import bench_log, plot_report, summarise
+    from recon.g3r.checkpoint import load_checkpoint
+
+    log_cfg, cfg = recon_config(sizes, deadline)
+    t0 = time.perf_counter()
+    log = log_future.result()
+    say(f"recon log ready ({time.perf_counter() - t0:.0f} s waited)")
     ckpt = load_checkpoint()
     lg = bench_log(f"{sizes.recon_width}x{sizes.recon_height}, "
-                   f"{len(sizes.recon_cameras)} cameras", log_cfg, ckpt, {}, cfg, print)
+                   f"{len(sizes.recon_cameras)} cameras", log_cfg, ckpt, {}, cfg, say, log=log)
     report = {"checkpoint": {"sha256": ckpt.sha256}, "logs": [lg], **summarise([lg])}
     plot_report(report, str(out / "recon_psnr_vs_time.png"))
     return report
@@ -247,6 +262,20 @@ def finetune(sizes: CheckSizes, out: Path, seconds: float, backend: str) -> dict
             "backend": backend, "seconds_budget": seconds,
             "info": {k: ck.info.get(k) for k in ("iterations", "train_s", "val_psnr")},
             "start_sha256": start.sha256}
+
+
+def in_background(fn: Callable, *args) -> Future:
+    """``fn(*args)`` on a daemon thread (a check that ends early does not wait for it)."""
+    fut: Future = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for it
+            fut.set_exception(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    return fut
 
 
 #: Stages in the order they run (``gsplat_build`` starts where it is listed and is waited
@@ -281,6 +310,13 @@ def run_check(out: str | Path, *, tiny: bool = False, stages: tuple[str, ...] = 
                      "stages": {}}
     site_path = Path(site).resolve() if site else None
 
+    def note(msg: str) -> None:
+        # Also kept in progress.log: a run killed at its limit loses its console, not
+        # the files already in ``out``.
+        with open(out / "progress.log", "a") as f:
+            f.write(f"{time.time() - t_start:7.1f} s  {msg}\n")
+        say(msg)
+
     def save() -> None:
         results["elapsed_s"] = round(time.time() - t_start, 1)
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -289,7 +325,7 @@ def run_check(out: str | Path, *, tiny: bool = False, stages: tuple[str, ...] = 
         return float("inf") if deadline is None else deadline - time.time()
 
     def run_stage(name: str, job: Callable[[], dict], min_left_s: float = 0.0) -> None:
-        say(f"gpu-check: {name} ({left():.0f} s left)" if deadline else f"gpu-check: {name}")
+        note(f"gpu-check: {name} ({left():.0f} s left)" if deadline else f"gpu-check: {name}")
         t0 = time.perf_counter()
         if left() < min_left_s:
             res = {"ok": False, "skipped": f"{left():.0f} s left, {min_left_s:.0f} needed"}
@@ -305,6 +341,14 @@ def run_check(out: str | Path, *, tiny: bool = False, stages: tuple[str, ...] = 
         save()
 
     build: GsplatBuild | None = None
+    log_future: Future | None = None
+    if "recon" in stages:
+        # The recon log's ray casting is CPU work: it runs beside the first stages.
+        from recon.g3r.bench import synthesise_eval_log
+
+        log_cfg, bench_cfg = recon_config(sizes, deadline)
+        log_future = in_background(synthesise_eval_log, log_cfg, bench_cfg,
+                                   max(1, (os.cpu_count() or 2) // 4))
     if "env" in stages:
         run_stage("env", environment)
     from recon.render import gsplat_available
@@ -321,7 +365,7 @@ def run_check(out: str | Path, *, tiny: bool = False, stages: tuple[str, ...] = 
                                                "torch" if build else "auto"),
                   min_left_s=FINETUNE_RESERVE_S + 30)
     if build is not None:
-        say("gpu-check: waiting for the gsplat build")
+        note("gpu-check: waiting for the gsplat build")
         # Keep enough for tests, raster and recon on the torch backend if it is late.
         results["stages"]["gsplat_build"] = build.wait(min(left() - BUILD_RESERVE_S, 1800))
         save()
@@ -331,13 +375,13 @@ def run_check(out: str | Path, *, tiny: bool = False, stages: tuple[str, ...] = 
     if "raster" in stages:
         run_stage("raster", lambda: raster(sizes), min_left_s=30)
     if "recon" in stages:
-        run_stage("recon", lambda: recon(sizes, out, deadline),
+        run_stage("recon", lambda: recon(sizes, out, deadline, log_future, note),
                   min_left_s=RECON_RESERVE_S + 60)
     return results
 
 
 #: Seconds kept for the stages after ``finetune`` when a time budget is set.
-FINETUNE_RESERVE_S = 300.0
+FINETUNE_RESERVE_S = 380.0
 #: Seconds kept for tests, raster and recon when the gsplat build is late (it is stopped).
 BUILD_RESERVE_S = 220.0
 

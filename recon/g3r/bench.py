@@ -165,16 +165,25 @@ def time_to_reach(curve: list[dict], target: float) -> float | None:
     return None
 
 
-def bench_log(name: str, log_cfg: SyntheticConfig, ckpt: Checkpoint,
-              ablations: dict[str, Checkpoint], cfg: BenchConfig,
-              say: Callable[[str], None]) -> dict:
-    """All methods on one evaluation log."""
+def synthesise_eval_log(log_cfg: SyntheticConfig, cfg: BenchConfig,
+                        workers: int | None = None) -> LogSegment:
+    """The evaluation log with every image, sweep and ground truth already rendered."""
     if cfg.frames is not None:
         log_cfg = replace(log_cfg, frames=cfg.frames)
     log = generate_log(replace(log_cfg, antialias=cfg.camera_antialias))
-    # Synthesise every image, sweep and ground truth before the clock starts: a recorded
-    # log is on disk already, so the generator's ray casting is no part of a method's init.
-    render_all(log, ground_truth=True, workers=os.cpu_count() or 1)
+    # Synthesise before the clock starts: a recorded log is on disk already, so the
+    # generator's ray casting is no part of a method's init.
+    render_all(log, ground_truth=True, workers=workers or os.cpu_count() or 1)
+    return log
+
+
+def bench_log(name: str, log_cfg: SyntheticConfig, ckpt: Checkpoint,
+              ablations: dict[str, Checkpoint], cfg: BenchConfig,
+              say: Callable[[str], None], log: LogSegment | None = None) -> dict:
+    """All methods on one evaluation log (``log``: that log synthesised already, see
+    :func:`synthesise_eval_log`)."""
+    if log is None:
+        log = synthesise_eval_log(log_cfg, cfg)
     t0 = time.perf_counter()
     init = InitConfig(latent=ckpt.model.config.channels - BASE_CHANNELS)
     init = replace(init, **{k: v for k, v in (("budget", cfg.budget),
@@ -250,6 +259,7 @@ def bench_log(name: str, log_cfg: SyntheticConfig, ckpt: Checkpoint,
         record(method, s, r.seconds, steps=n)
     reach = time_to_reach(curve, main["psnr"])
     return {"log": log.name, "setting": name, "size": [log_cfg.width, log_cfg.height],
+            "frames": len(log.frames),
             "cameras": list(log.cameras), "init_s": init_s,
             "gaussians": base.num_gaussians, "rows": rows, "adam_curve": curve,
             "adam_time_to_g3r_psnr_s": reach,
