@@ -321,3 +321,25 @@ def test_antialiased_mode_keeps_subpixel_splats_to_their_true_size():
     with pytest.raises(ValueError, match="rasterize_mode"):
         rasterize(near, quats, torch.ones(1, 3), torch.tensor([0.9]), torch.ones(1, 3),
                   viewmats, Ks, W, H, backend="torch", rasterize_mode="mip")
+
+
+def test_antialiased_mode_culls_and_bounds_with_the_compensated_opacity():
+    """As gsplat: a sub-pixel splat whose opacity x compensation is under 1/255 is culled
+    (radii 0), though its raw opacity would pass; a brighter one gets a smaller box than
+    in classic mode (its opacity-aware extent shrinks with the compensated opacity)."""
+    viewmats = torch.eye(4)[None]
+    Ks = torch.tensor([[[20.0, 0, 16.0], [0, 20.0, 12.0], [0, 0, 1]]])
+    means = torch.tensor([[1.25, 1.25, 50.0]])
+    quats = torch.tensor([[1.0, 0, 0, 0]])
+    scales = torch.full((1, 3), 0.25)  # 0.1 px: compensation ~ 0.03
+
+    def radii(opacity: float, mode: str) -> torch.Tensor:
+        return rasterize(means, quats, scales, torch.tensor([opacity]), torch.ones(1, 3),
+                         viewmats, Ks, W, H, 0.1, 1e3, backend="torch",
+                         rasterize_mode=mode).radii[0, 0]
+
+    faint = 10 / 255
+    assert (radii(faint, "classic") > 0).all()
+    assert (radii(faint, "antialiased") == 0).all()
+    assert (radii(0.9, "antialiased") > 0).all()
+    assert (radii(0.9, "antialiased") <= radii(0.9, "classic")).all()

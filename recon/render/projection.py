@@ -16,6 +16,11 @@ Gaussians:
   ``o * exp(-q/2)`` falls below 1/255), radius rounded up to whole pixels;
 * opacity under 1/255, a non-positive 2D determinant or a box entirely outside the
   image -> culled (radii 0).
+
+In the antialiased mode ``o`` above is the compensated opacity (opacity x
+``compensations``), as in gsplat, which applies the compensation before its cull and its
+opacity-aware extent; with the raw opacity, small faint splats would keep radii (and pixel
+work) that gsplat drops.
 """
 
 from __future__ import annotations
@@ -158,6 +163,8 @@ def project_gaussians(
 
     with torch.no_grad():
         o = opacities.detach()[None].expand_as(z)
+        if comp is not None:  # gsplat culls and bounds with the compensated opacity
+            o = o * comp.detach()
         ok_opacity = o >= ALPHA_THRESHOLD
         extent = torch.sqrt(2.0 * torch.log((o / ALPHA_THRESHOLD).clamp_min(1.0)))
         extent = extent.clamp_max(MAX_EXTENT_SIGMA)
