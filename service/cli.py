@@ -322,6 +322,9 @@ def train(
              "1: all views every step).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from --out/train_state.pt.")] = True,
     seed: Annotated[int | None, typer.Option(help="Network init and sampling seed.")] = None,
+    seed_start: Annotated[int | None, typer.Option(
+        help="First training log seed (a continued fine-tune takes fresh logs from a new "
+             "start; evaluation seeds are refused).")] = None,
     backend: Annotated[str, typer.Option(help="Renderer: auto | torch | gsplat.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
 ) -> None:
@@ -357,7 +360,14 @@ def train(
                          scenes=scenes, frames=frame_range, width=width, height=height,
                          size_scales=scales, budget=budget, actor_budget=actor_budget,
                          pool_refresh_every=pool_refresh_every, unroll_start=unroll_start,
-                         depth_weight=depth_weight, lr=lr, seed=seed)
+                         depth_weight=depth_weight, lr=lr, seed=seed,
+                         seed_start=seed_start)
+    try:
+        from scenes.synthetic import train_seeds
+
+        train_seeds(1, cfg.seed_start)
+    except ValueError as e:
+        raise _fail(f"--seed-start: {e}") from None
     model = cfg.model
     if init_from is not None:  # fine-tuning keeps the checkpoint's architecture
         try:
