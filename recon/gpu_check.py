@@ -43,8 +43,13 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from recon.g3r.bench import BenchConfig
+    from scenes.synthetic import SyntheticConfig
 
 
 @dataclass(frozen=True)
@@ -202,7 +207,8 @@ def raster(sizes: CheckSizes) -> dict:
     return out
 
 
-def recon_config(sizes: CheckSizes, deadline: float | None) -> tuple:
+def recon_config(sizes: CheckSizes,
+                 deadline: float | None) -> tuple[SyntheticConfig, BenchConfig]:
     """The log and bench settings of the ``recon`` stage."""
     from recon.g3r.bench import BenchConfig
     from scenes.synthetic import SyntheticConfig, cameras_arg
@@ -217,18 +223,17 @@ def recon_config(sizes: CheckSizes, deadline: float | None) -> tuple:
     return log_cfg, cfg
 
 
-def recon(sizes: CheckSizes, out: Path, deadline: float | None, log_future: Future,
-          say: Callable[[str], None] = print) -> dict:
+def recon(sizes: CheckSizes, out: Path, log_cfg: SyntheticConfig, cfg: BenchConfig,
+          log_future: Future, say: Callable[[str], None] = print) -> dict:
     """G3R against Adam on one large multi-camera log (the bench recon rows).
 
     The log is synthesised on the CPU beforehand (``log_future``, started with the first
-    stages). With a ``deadline`` (``time.time()``), Adam's reference run is cut to end
-    ``RECON_RESERVE_S`` before it, which leaves time for the rows after it.
+    stages). ``cfg.adam_deadline`` (:func:`recon_config`) cuts Adam's reference run to
+    end ``RECON_RESERVE_S`` before the check's deadline, leaving time for the rows after it.
     """
     from recon.g3r.bench import bench_log, plot_report, summarise
     from recon.g3r.checkpoint import load_checkpoint
 
-    log_cfg, cfg = recon_config(sizes, deadline)
     t0 = time.perf_counter()
     log = log_future.result()
     say(f"recon log ready ({time.perf_counter() - t0:.0f} s waited)")
@@ -375,7 +380,7 @@ def run_check(out: str | Path, *, tiny: bool = False, stages: tuple[str, ...] = 
     if "raster" in stages:
         run_stage("raster", lambda: raster(sizes), min_left_s=30)
     if "recon" in stages:
-        run_stage("recon", lambda: recon(sizes, out, deadline, log_future, note),
+        run_stage("recon", lambda: recon(sizes, out, log_cfg, bench_cfg, log_future, note),
                   min_left_s=RECON_RESERVE_S + 60)
     return results
 
